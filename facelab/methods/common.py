@@ -1,0 +1,39 @@
+"""Pieces every method composes: device, generators, the configured sampler and guidance terms."""
+from __future__ import annotations
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+
+from facelab.diffusion import Denoiser, repaint_timesteps, sample
+
+
+def device_of(cfg: DictConfig) -> torch.device:
+    name = cfg.get("device", "auto")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+def generator(seed: int, device: torch.device, stream: int = 0) -> torch.Generator:
+    """An independent generator per purpose (`stream`), so adding one random draw never shifts another."""
+    return torch.Generator(device).manual_seed(int(seed) * 1000003 + stream)
+
+
+def guidance_terms(cfg: DictConfig) -> list:
+    return [instantiate(term) for term in (cfg.get("guidance") or {}).values()]
+
+
+def sampler_timesteps(denoiser: Denoiser, sampler: DictConfig) -> torch.Tensor:
+    """The timestep sequence of the configured sampler (it goes back up for RePaint jumps)."""
+    if sampler.name == "repaint":
+        return repaint_timesteps(denoiser.schedule, sampler.steps, sampler.jump_length, sampler.jump_n_sample)
+    return denoiser.schedule.timesteps(sampler.steps, spacing=sampler.spacing)
+
+
+def run_sampler(denoiser: Denoiser, x_T: torch.Tensor, sampler: DictConfig, generator: torch.Generator,
+                guidance=(), progress: bool = True, **kwargs) -> torch.Tensor:
+    """Sample x_0 from x_T with the configured sampler (ddim / ddpm / repaint) and guidance terms."""
+    return sample(denoiser, denoiser.schedule, x_T, sampler_timesteps(denoiser, sampler), guidance=guidance,
+                  eta=sampler.eta, sampler="ddim" if sampler.name == "ddim" else "ddpm", clip=sampler.clip,
+                  generator=generator, progress=progress, **kwargs)

@@ -1,0 +1,69 @@
+"""Pixel-space DDPM: a diffusers UNet2DModel trained with the ε-prediction loss, with an EMA copy."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from diffusers import DDPMScheduler, UNet2DModel
+
+from facelab.diffusion import Denoiser, Schedule, sample
+from facelab.models.components.ema import EMA
+
+
+class PixelDDPM(pl.LightningModule):
+    """ε-loss DDPM on images in [-1, 1]. `unet` and `scheduler` are diffusers config dicts.
+
+    The EMA weights are the ones used for validation, sample grids and export.
+    """
+
+    def __init__(self, unet: dict, scheduler: dict, lr: float = 2e-4, weight_decay: float = 0.0,
+                 warmup_steps: int = 200, ema_decay: float = 0.999, image_key: str = "image"):
+        super().__init__()
+        self.save_hyperparameters()
+        self.unet = UNet2DModel(**unet)
+        self.schedule = Schedule.from_config(scheduler)
+        self.ema = EMA(self.unet, ema_decay)
+
+    def denoiser(self, ema: bool = True) -> Denoiser:
+        return Denoiser(self.ema.module if ema else self.unet, self.schedule)
+
+    def loss(self, unet: torch.nn.Module, x0: torch.Tensor) -> torch.Tensor:
+        t = torch.randint(0, self.schedule.num_train_timesteps, (x0.shape[0],), device=x0.device)
+        noise = torch.randn_like(x0)
+        x_t = self.schedule.q_sample(x0, t, noise)
+        return F.mse_loss(unet(x_t, t).sample, noise)
+
+    def training_step(self, batch, batch_idx):
+        loss = self.loss(self.unet, batch[self.hparams.image_key])
+        self.log("train/loss", loss, prog_bar=True, sync_dist=False)
+        return loss
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        self.ema.update(self.unet)
+
+    def validation_step(self, batch, batch_idx):
+        loss = self.loss(self.ema.module, batch[self.hparams.image_key])
+        self.log("val/loss", loss, prog_bar=True, sync_dist=True)
+
+    def configure_optimizers(self):
+        opt = torch.optim.AdamW(self.unet.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        warmup = max(1, self.hparams.warmup_steps)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / warmup))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    @torch.no_grad()
+    def sample_images(self, num: int, steps: int = 50, generator: torch.Generator | None = None) -> torch.Tensor:
+        """DDIM(η=0) samples from the EMA weights, in [-1, 1]."""
+        size = self.hparams.unet["sample_size"]
+        x = torch.randn(num, self.unet.config.in_channels, size, size, generator=generator, device=self.device)
+        return sample(self.denoiser(), self.schedule, x, self.schedule.timesteps(steps), eta=0.0,
+                      generator=generator, progress=False)
+
+    def export(self, folder: str | Path) -> Path:
+        """Write the EMA UNet and the scheduler as a diffusers folder (unet/, scheduler/)."""
+        folder = Path(folder)
+        self.ema.module.save_pretrained(folder / "unet", safe_serialization=True)
+        DDPMScheduler.from_config(self.schedule.config).save_pretrained(folder / "scheduler")
+        return folder

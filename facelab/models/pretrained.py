@@ -1,0 +1,80 @@
+"""Resolve `model.pretrained=` to a UNet and its schedule: a zoo name, a diffusers folder, a Lightning
+checkpoint or a hub id."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from diffusers import UNet2DConditionModel, UNet2DModel
+
+from facelab.diffusion import Denoiser, Schedule
+from facelab.io.checkpoints import load_checkpoint
+from facelab.io.errors import InputError
+
+ZOO_DIR = Path(__file__).resolve().parent.parent / "zoo"
+_UNETS = {"UNet2DModel": UNet2DModel, "UNet2DConditionModel": UNet2DConditionModel}
+
+
+def zoo_names() -> list[str]:
+    return sorted(p.name for p in ZOO_DIR.iterdir() if (p / "unet").is_dir()) if ZOO_DIR.is_dir() else []
+
+
+def load_denoiser(pretrained: str, device: str | torch.device = "cpu") -> Denoiser:
+    """Load a denoiser in eval mode from a zoo name, a local diffusers folder, a `.ckpt`, or a hub id."""
+    source = str(pretrained)
+    path = Path(source).expanduser()
+    if source in zoo_names():
+        unet, schedule = _from_folder(ZOO_DIR / source)
+    elif path.suffix == ".ckpt":
+        unet, schedule = _from_lightning(path)
+    elif path.is_dir():
+        unet, schedule = _from_folder(path)
+    elif path.exists() or source.startswith((".", "/", "~")) or source.count("/") != 1:
+        raise InputError(f"model.pretrained={source}: not a zoo model ({', '.join(zoo_names()) or 'none built'}), "
+                         "a diffusers folder, a .ckpt file or a hub id (org/name)")
+    else:
+        unet, schedule = _from_hub(source)
+    return Denoiser(unet.to(device).eval().requires_grad_(False), schedule)
+
+
+def _unet_class(config_path: Path):
+    import json
+
+    name = json.loads(config_path.read_text()).get("_class_name", "UNet2DModel")
+    if name not in _UNETS:
+        raise InputError(f"{config_path}: unsupported model class {name} (expected one of {sorted(_UNETS)})")
+    return _UNETS[name]
+
+
+def _from_folder(folder: Path):
+    sub = folder / "unet" if (folder / "unet" / "config.json").is_file() else folder
+    if not (sub / "config.json").is_file():
+        raise InputError(f"{folder}: not a diffusers folder (no unet/config.json or config.json)")
+    sched = next((p for p in (folder / "scheduler" / "scheduler_config.json", folder / "scheduler_config.json")
+                  if p.is_file()), None)
+    if sched is None:
+        raise InputError(f"{folder}: no scheduler/scheduler_config.json, so the noise schedule is unknown")
+    unet = _unet_class(sub / "config.json").from_pretrained(sub)
+    return unet, Schedule.from_config(sched)
+
+
+def _from_hub(repo_id: str):
+    from huggingface_hub import snapshot_download
+
+    try:
+        folder = Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "unet/*", "scheduler/*"]))
+    except Exception as err:  # offline, unknown id, no access
+        raise InputError(f"model.pretrained={repo_id}: cannot fetch from the hub ({type(err).__name__})") from None
+    return _from_folder(folder)
+
+
+def _from_lightning(path: Path):
+    ckpt = load_checkpoint(path)
+    hparams = ckpt.get("hyper_parameters", {})
+    if "unet" not in hparams or "scheduler" not in hparams:
+        raise InputError(f"{path}: not a facelab diffusion checkpoint (no unet/scheduler hyper-parameters)")
+    prefix = "ema.module." if any(k.startswith("ema.module.") for k in ckpt["state_dict"]) else "unet."
+    state = {k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
+    unet = UNet2DModel(**hparams["unet"])
+    unet.load_state_dict(state)
+    return unet, Schedule.from_config(hparams["scheduler"])
