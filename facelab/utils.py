@@ -18,7 +18,7 @@ def entry_point(fn):
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except (InputError, FileNotFoundError) as err:
+        except (InputError, FileNotFoundError, FileExistsError) as err:
             print(f"facelab: error: {err}", file=sys.stderr)
             sys.exit(2)
 

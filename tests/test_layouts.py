@@ -23,7 +23,7 @@ from facelab.data.layouts import (
     keep_outside_face,
 )
 from facelab.data.synthetic import ATTRIBUTES, SyntheticFaces
-from facelab.io import InputError, read_image, save_image, save_mask
+from facelab.io import InputError, save_image, save_mask
 
 N, SIZE = 12, 32
 CONF = Path(__file__).resolve().parents[1] / "conf" / "data"
@@ -47,6 +47,7 @@ def root(tmp_path_factory, faces):
 def _copy(root, tmp_path, *names):
     """A new root holding only the named entries of the exported root."""
     new = tmp_path / "root"
+    new.mkdir()
     for name in names:
         (shutil.copytree if (root / name).is_dir() else shutil.copy)(root / name, new / name)
     return new
@@ -203,7 +204,8 @@ def test_datamodule_split_is_seeded(faces):
     ("synthetic", "."), ("celebahq", "."), ("image_mask", "CelebAMask-HQ"), ("class_folders", "CelebAMask-HQ"),
 ])
 def test_hydra_configs_build(name, data_dir, root):
-    cfg = OmegaConf.create({"paths": {"data_dir": str(root.parent / data_dir)}, "data": OmegaConf.load(CONF / f"{name}.yaml")})
+    paths = {"data_dir": str(root.parent / data_dir)}
+    cfg = OmegaConf.create({"paths": paths, "data": OmegaConf.load(CONF / f"{name}.yaml")})
     cfg.data.dataset.size = SIZE
     if name == "synthetic":
         cfg.data.dataset.length = 8

@@ -4,7 +4,8 @@ Layouts (the names `export` takes):
 - ``celebahq``: ``CelebA-HQ-img/{id}.jpg``;
 - ``celebamask``: ``CelebAMask-HQ-mask-anno/{id // 2000}/{id:05d}_{part}.png`` binary part masks, as CelebAMask-HQ
   ships them, and ``CelebAMask-HQ-mask/{id}.png`` merged index masks (what most pipelines read);
-- ``dialog``: CelebA-Dialog ``captions_hq.json``, ``{"{id}.jpg": {"overall_caption": ..., "attribute_wise_captions": ...}}``;
+- ``dialog``: CelebA-Dialog ``captions_hq.json``:
+  ``{"{id}.jpg": {"overall_caption": ..., "attribute_wise_captions": {...}}}``;
 - ``attr_txt``: ``CelebAMask-HQ-attribute-anno.txt`` (count line, names line, then ``{id}.jpg`` and 1/-1 per attribute);
 - ``image_mask``: ``images/{name}.png`` + ``masks/{name}.png`` keep-masks (white = keep), matched by file stem;
 - ``class_folders``: ``{attribute}/0/{name}.png`` and ``{attribute}/1/{name}.png``, one folder per class.
@@ -82,10 +83,9 @@ class CelebAHQ(Dataset):
         self.image_paths = list(images.values())
         self.masks = None if with_masks is False else self._find_masks(with_masks)
         self.captions = None if with_captions is False else self._find_captions(with_captions, captions_file)
-        self.attribute_names: list[str] = []
-        self.attributes = None
-        if with_attributes is not False:
-            self._find_attributes(with_attributes, attributes_file)
+        self.attribute_names, self.attributes = (
+            ([], None) if with_attributes is False else self._find_attributes(with_attributes, attributes_file)
+        )
 
     def __len__(self) -> int:
         return len(self.names)
@@ -115,11 +115,15 @@ class CelebAHQ(Dataset):
             _check_matched(self.names, found, parts, "part mask")
             return [found[name] for name in self.names]
         if required:
-            raise InputError(f"{self.root}: no {MASK_DIR}/ or {PART_DIR}/ folder; pass with_masks=False for images only")
+            raise InputError(
+                f"{self.root}: no {MASK_DIR}/ or {PART_DIR}/ folder; pass with_masks=False for images only"
+            )
         return None
 
     def _find_captions(self, required: bool | None, captions_file: str | Path | None) -> list[str] | None:
-        candidates = [Path(captions_file)] if captions_file else [self.root / CAPTIONS_FILE, self.root / "text" / CAPTIONS_FILE]
+        candidates = [self.root / CAPTIONS_FILE, self.root / "text" / CAPTIONS_FILE]
+        if captions_file:
+            candidates = [Path(captions_file)]
         path = next((p for p in candidates if p.is_file()), None)
         if path is None:
             if required or captions_file:
@@ -135,15 +139,15 @@ class CelebAHQ(Dataset):
         _check_matched(self.names, by_stem, path, "caption")
         return [_caption_text(by_stem[name], path, name) for name in self.names]
 
-    def _find_attributes(self, required: bool | None, attributes_file: str | Path | None) -> None:
+    def _find_attributes(self, required: bool | None, attributes_file: str | Path | None):
         path = Path(attributes_file) if attributes_file else self.root / ATTRIBUTE_FILE
         if not path.is_file():
             if required or attributes_file:
                 raise InputError(f"{path}: attribute file not found; pass with_attributes=False to skip attributes")
-            return
-        self.attribute_names, rows = read_attribute_file(path)
+            return [], None
+        names, rows = read_attribute_file(path)
         _check_matched(self.names, rows, path, "attribute row")
-        self.attributes = np.stack([rows[name] for name in self.names])
+        return names, np.stack([rows[name] for name in self.names])
 
 
 class ImageMaskFolder(Dataset):

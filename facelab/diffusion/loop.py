@@ -25,9 +25,6 @@ from tqdm.auto import tqdm
 from .hspace import hspace
 from .schedule import Schedule, step_pairs
 
-HOOKS = ("before_model", "h_edit", "after_model", "after_update")
-
-
 class Guidance:
     """Base for guidance terms: override any subset of the hook methods (the defaults do nothing).
 
@@ -91,11 +88,9 @@ class State:
         self._x0, self._eps = value, None
 
 
-def _hooks(guidance: Sequence, name: str) -> list:
-    """The bound `name` methods of the terms that actually define one (base no-ops skipped)."""
-    default = getattr(Guidance, name)
-    return [getattr(g, name) for g in guidance
-            if getattr(type(g), name, None) is not default and callable(getattr(g, name, None))]
+def _defines(term: Any, name: str) -> bool:
+    """Whether a guidance term has its own `name` hook (the base class no-ops do not count)."""
+    return callable(getattr(term, name, None)) and getattr(type(term), name, None) is not getattr(Guidance, name)
 
 
 def sample(model: Callable, schedule: Schedule, x: Tensor, timesteps: Sequence[int] | Tensor, *,
@@ -110,7 +105,8 @@ def sample(model: Callable, schedule: Schedule, x: Tensor, timesteps: Sequence[i
     noises: per-reverse-step noise z (a list, entries may be None, or a stacked tensor) so that a
     re-decode follows a recorded trajectory; otherwise noise comes from `generator`.
     sampler="ddpm" uses `variance_type` (default the schedule's); learned_range reads `model.last_variance`.
-    Runs under torch.no_grad; terms that need gradients open torch.enable_grad themselves.
+    Hooks may replace state.cond (e.g. per step). Runs under torch.no_grad; terms that need gradients
+    open torch.enable_grad themselves.
     """
     if sampler not in ("ddim", "ddpm"):
         raise ValueError(f"sampler={sampler!r}; use 'ddim' or 'ddpm'")
@@ -124,8 +120,9 @@ def sample(model: Callable, schedule: Schedule, x: Tensor, timesteps: Sequence[i
         raise ValueError(f"eta / noises must give one entry per reverse step ({n_reverse})")
     variance_type = variance_type or schedule.variance_type
     learned = sampler == "ddpm" and variance_type == "learned_range"
-    before, editors, after, updated = (_hooks(guidance, name) for name in HOOKS)
-    where = [getattr(fn.__self__, "h_where", "after") for fn in editors]
+    before, after, updated = ([getattr(g, name) for g in guidance if _defines(g, name)]
+                              for name in ("before_model", "after_model", "after_update"))
+    editors = [(getattr(g, "h_where", "after"), g.h_edit) for g in guidance if _defines(g, "h_edit")]
     unet = getattr(model, "unet", model)
 
     state = State(x=x, cond=cond, generator=generator, model=model, schedule=schedule)
@@ -140,12 +137,15 @@ def sample(model: Callable, schedule: Schedule, x: Tensor, timesteps: Sequence[i
             for fn in before:
                 fn(state)
             state.x_t = state.x
-            with ExitStack() as stack:
-                for loc, editor in zip(where, editors):
-                    edit = editor(state)
-                    if edit is not None:
-                        stack.enter_context(hspace(unet, loc, edit=edit))
-                state.eps = model(state.x_t, t, cond)
+            if editors:
+                with ExitStack() as stack:
+                    for where, editor in editors:
+                        edit = editor(state)
+                        if edit is not None:
+                            stack.enter_context(hspace(unet, where, edit=edit))
+                    state.eps = model(state.x_t, t, state.cond)
+            else:
+                state.eps = model(state.x_t, t, state.cond)
             if learned:
                 state.v = model.last_variance
             for fn in after:

@@ -97,7 +97,8 @@ class Schedule:
             raise ValueError("scheduler config: rescale_betas_zero_snr is not supported (ᾱ_T = 0 breaks x̂0)")
         cfg = {**DEFAULTS, **{k: v for k, v in given.items() if k in DEFAULTS}}
         if cfg["prediction_type"] not in PREDICTION_TYPES:
-            raise ValueError(f"scheduler config: prediction_type={cfg['prediction_type']!r}; use one of {PREDICTION_TYPES}")
+            raise ValueError(f"scheduler config: prediction_type={cfg['prediction_type']!r}; "
+                             f"use one of {PREDICTION_TYPES}")
         if cfg["trained_betas"] is not None:
             cfg["trained_betas"] = [float(b) for b in cfg["trained_betas"]]
         self.config = cfg
@@ -193,7 +194,7 @@ class Schedule:
     def ddim_step(self, x_t: Tensor, t: Time, s: Time, eps: Tensor | None = None, eta: float = 0.0,
                   noise: Tensor | None = None, eps_direction: Tensor | None = None, clip: bool = False, *,
                   x0: Tensor | None = None, generator: torch.Generator | None = None) -> Tensor:
-        """x_s = √ᾱ_s·x̂0(ε_P) + √(1−ᾱ_s−σ²)·ε_D + σ·z, from t to any s (s > t: inversion, η must be 0).
+        """x_s = √ᾱ_s·x̂0(ε_P) + √(1−ᾱ_s−σ²)·ε_D + σ·z, from t to any s (s > t: inversion, with η = 0).
 
         ε_P = eps (or x̂0 given directly as `x0`); ε_D = eps_direction if given (Asyrp's asymmetric step)
         else eps. `clip` clamps x̂0 only; the direction keeps the unclipped ε (diffusers' convention).

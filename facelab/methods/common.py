@@ -26,9 +26,10 @@ def guidance_terms(cfg: DictConfig) -> list:
 
 def sampler_timesteps(denoiser: Denoiser, sampler: DictConfig) -> torch.Tensor:
     """The timestep sequence of the configured sampler (it goes back up for RePaint jumps)."""
+    grid = denoiser.schedule.timesteps(sampler.steps, spacing=sampler.spacing)
     if sampler.name == "repaint":
-        return repaint_timesteps(denoiser.schedule, sampler.steps, sampler.jump_length, sampler.jump_n_sample)
-    return denoiser.schedule.timesteps(sampler.steps, spacing=sampler.spacing)
+        return repaint_timesteps(grid, sampler.jump_length, sampler.jump_n_sample)
+    return grid
 
 
 def run_sampler(denoiser: Denoiser, x_T: torch.Tensor, sampler: DictConfig, generator: torch.Generator,

@@ -36,16 +36,18 @@ class PixelDDPM(pl.LightningModule):
         return F.mse_loss(unet(x_t, t).sample, noise)
 
     def training_step(self, batch, batch_idx):
-        loss = self.loss(self.unet, batch[self.hparams.image_key])
-        self.log("train/loss", loss, prog_bar=True, sync_dist=False)
+        x0 = batch[self.hparams.image_key]
+        loss = self.loss(self.unet, x0)
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(x0))
         return loss
 
-    def on_train_batch_end(self, outputs, batch, batch_idx):
-        self.ema.update(self.unet)
+    def optimizer_step(self, *args, **kwargs):
+        super().optimizer_step(*args, **kwargs)
+        self.ema.update(self.unet)  # here, not in on_train_batch_end, so checkpoints taken at this step include it
 
     def validation_step(self, batch, batch_idx):
-        loss = self.loss(self.ema.module, batch[self.hparams.image_key])
-        self.log("val/loss", loss, prog_bar=True, sync_dist=True)
+        x0 = batch[self.hparams.image_key]
+        self.log("val/loss", self.loss(self.ema.module, x0), prog_bar=True, sync_dist=True, batch_size=len(x0))
 
     def configure_optimizers(self):
         opt = torch.optim.AdamW(self.unet.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)

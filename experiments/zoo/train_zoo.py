@@ -1,0 +1,57 @@
+"""Train the zoo models with facelab's own recipes and install them into facelab/zoo/<name>.
+
+    python experiments/zoo/train_zoo.py [name ...] [-- extra hydra overrides]
+
+Each model trains in the stable run directory outputs/zoo/<name>; rerunning resumes from its last.ckpt, so
+training can be done in several sittings. Wall time is accumulated into the installed recipe.json.
+"""
+from __future__ import annotations
+
+import json
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+ZOO = {"ddpm64": "zoo_ddpm64"}  # zoo name -> training experiment
+
+
+def train(name: str, overrides: list[str]) -> None:
+    run_dir = ROOT / "outputs" / "zoo" / name
+    last = run_dir / "checkpoints" / "last.ckpt"
+    cmd = [sys.executable, "-m", "facelab.train", f"+experiment={ZOO[name]}", f"hydra.run.dir={run_dir}",
+           *( [f"ckpt_path={last}"] if last.exists() else []), *overrides]
+    print(" ".join(cmd), flush=True)
+    clock = run_dir / "wall_seconds.json"
+    spent = json.loads(clock.read_text())["seconds"] if clock.exists() else 0.0
+    start = time.time()
+    subprocess.run(cmd, check=True, cwd=ROOT)
+    spent += time.time() - start
+    clock.write_text(json.dumps({"seconds": spent}))
+
+    target = ROOT / "facelab" / "zoo" / name
+    shutil.rmtree(target, ignore_errors=True)
+    shutil.copytree(run_dir / "diffusers", target)
+    ckpt = torch.load(last, map_location="cpu", weights_only=True)
+    params = sum(v.numel() for k, v in ckpt["state_dict"].items() if k.startswith("unet."))
+    recipe = {
+        "experiment": ZOO[name], "overrides": overrides, "global_steps": ckpt["global_step"],
+        "parameters": params, "train_wall_seconds": round(spent), "device": torch.cuda.get_device_name()
+        if torch.cuda.is_available() else f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)",
+        "metrics": json.loads((run_dir / "metrics.json").read_text()),
+    }
+    (target / "recipe.json").write_text(json.dumps(recipe, indent=2))
+    print(json.dumps(recipe, indent=2))
+
+
+if __name__ == "__main__":
+    args = sys.argv[1:]
+    split = args.index("--") if "--" in args else len(args)
+    names, overrides = args[:split] or list(ZOO), args[split + 1:]
+    for name in names:
+        train(name, overrides)
