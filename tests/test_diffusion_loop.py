@@ -2,6 +2,7 @@
 
 import json
 import math
+from itertools import pairwise
 from pathlib import Path
 
 import numpy as np
@@ -9,8 +10,7 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, UNet2DConditionModel, UNet2DModel
 
-from facelab.diffusion import (Denoiser, Guidance, Schedule, ddim_invert, edit_friendly_invert,
-                               repaint_timesteps, sample)
+from facelab.diffusion import Denoiser, Guidance, Schedule, ddim_invert, edit_friendly_invert, repaint_timesteps, sample
 
 FIXTURE = Path(__file__).parent / "fixtures" / "ddpm-celebahq-256"
 CONFIG = json.loads((FIXTURE / "scheduler" / "scheduler_config.json").read_text())
@@ -75,7 +75,7 @@ def assert_moments(out, n):
 
 def prev_map(times):
     """t -> next lower time, for every reverse step of a (possibly jumping) sequence ending at -1."""
-    return {t: s for t, s in zip(times[:-1], times[1:]) if s < t}
+    return {t: s for t, s in pairwise(times) if s < t}
 
 
 def test_ddim_inversion_round_trip_converges(schedule):
@@ -124,10 +124,10 @@ def test_edit_friendly_inversion_replays_its_trajectory(schedule, eta):
     replay = GaussianDenoiser()
     out = sample(replay, schedule, x_T, grid, eta=eta, noises=noises, progress=False)
     # every network input (the grid latents x_t) is hit to float precision
-    for seen, drawn in zip(replay.inputs, inverter.inputs):
+    for seen, drawn in zip(replay.inputs, inverter.inputs, strict=True):
         assert torch.allclose(seen, drawn, atol=1e-12, rtol=0)
     # the drawn latents are independent q(x_t|x0) samples: normalised noise ≈ N(0, 1), uncorrelated in t
-    eps = [(x - abar(t) ** 0.5 * x0) / (1 - abar(t)) ** 0.5 for x, t in zip(replay.inputs, grid.tolist())]
+    eps = [(x - abar(t) ** 0.5 * x0) / (1 - abar(t)) ** 0.5 for x, t in zip(replay.inputs, grid.tolist(), strict=True)]
     if eta == 1.0:
         stacked = torch.stack(eps)
         assert abs(stacked.std().item() - 1) < 0.1
@@ -250,7 +250,9 @@ class Asymmetric(Guidance):
 
 
 def test_asymmetric_step_in_loop(schedule):
-    model = lambda x, t, cond: torch.full_like(x, 0.3)  # noqa: E731
+    def model(x, t, cond):
+        return torch.full_like(x, 0.3)
+
     x_T = torch.ones(1, 2, dtype=torch.float64)
     out = sample(model, schedule, x_T, [700, 300], guidance=[Asymmetric()], final=300, progress=False)
     a, b = abar(700), abar(300)

@@ -33,10 +33,10 @@ def test_celebahq_h_shapes_capture_and_cleanup(celebahq_unet):
     assert after[0].shape == before[0].shape == middle[0].shape == (1, 512, 8, 8)
     assert out.shape == x.shape and torch.isfinite(out).all()
     assert not torch.equal(after[0], before[0]) and not torch.equal(after[0], middle[0])
-    with pytest.raises(RuntimeError, match="boom"):
-        with hspace(unet, "after", capture=True), hspace(unet, "middle", edit=lambda h: h + 1):
-            assert not no_hooks(unet)
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError, match="boom"), hspace(unet, "after", capture=True), \
+            hspace(unet, "middle", edit=lambda h: h + 1):
+        assert not no_hooks(unet)
+        raise RuntimeError("boom")
     assert no_hooks(unet)
 
 
@@ -69,7 +69,10 @@ def test_edit_semantics(kind, where):
     unet = tiny_unets()[kind]
     x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))
     kwargs = {"encoder_hidden_states": torch.randn(2, 4, 8)} if kind == "conditional" else {}
-    run = lambda: unet(x, 100, **kwargs).sample  # noqa: E731
+
+    def run():
+        return unet(x, 100, **kwargs).sample
+
     with torch.no_grad():
         base = run()
         with hspace(unet, where, capture=True) as hs:

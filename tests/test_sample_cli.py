@@ -11,13 +11,14 @@ from facelab.io.errors import InputError
 def test_sample_ddim_writes_run(tiny_model_dir, tmp_path):
     out = tmp_path / "run"
     res = run_cli("sample", "method=ddim", f"model.pretrained={tiny_model_dir}", "num_samples=3", "batch_size=2",
-                  "sampler.steps=4", f"hydra.run.dir={out}")
+                  "sampler.steps=4", "guidance=[record]", "guidance.record.every=2", f"hydra.run.dir={out}")
     assert res.returncode == 0, res.stderr[-2000:]
     assert sorted(p.name for p in (out / "samples").iterdir()) == ["00000.png", "00001.png", "00002.png"]
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["num_samples"] == 3 and metrics["steps"] == 4
     assert (out / "grid.png").is_file() and "grid.png" in (out / "index.html").read_text()
     assert "pretrained" in (out / "config.yaml").read_text()
+    assert (out / "trajectory.png").is_file()  # the composable record term, steps t=750, 250 and the end
     # the same seed reproduces the same images; a finished run is never overwritten
     again = run_cli("sample", "method=ddim", f"model.pretrained={tiny_model_dir}", "num_samples=3",
                     "batch_size=2", "sampler.steps=4", f"hydra.run.dir={out}")

@@ -1,7 +1,7 @@
 """Diffusion core: schedule maths, the ε-denoiser, h-space hooks, the sampling loop, inversions."""
 
 from .denoiser import Denoiser
-from .hspace import hspace, h_module
+from .hspace import h_module, hspace
 from .inversion import Inversion, ddim_invert, edit_friendly_invert
 from .loop import Guidance, State, sample
 from .schedule import Schedule, randn_like, repaint_schedule, repaint_timesteps, step_pairs

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from .hspace import hspace
 from .schedule import Schedule, step_pairs
 
+
 class Guidance:
     """Base for guidance terms: override any subset of the hook methods (the defaults do nothing).
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Mapping, Sequence
+from itertools import pairwise
 from pathlib import Path
 
 import numpy as np
@@ -37,7 +38,8 @@ SPACINGS = ("leading", "trailing", "linspace", "respaced")
 
 
 def _read_config(cfg) -> dict:
-    """A scheduler config as a dict, from a mapping, a json file, or a (pipeline) folder."""
+    """A scheduler config as a dict, from a mapping, a diffusers scheduler, a json file, or a (pipeline) folder."""
+    cfg = getattr(cfg, "config", cfg)
     if isinstance(cfg, Mapping):
         return dict(cfg)
     path = Path(cfg)
@@ -112,7 +114,8 @@ class Schedule:
 
     @classmethod
     def from_config(cls, cfg) -> Schedule:
-        """Build from a config dict, a `scheduler_config.json`, or a folder holding one (or `scheduler/`)."""
+        """Build from a config dict, a diffusers scheduler, a `scheduler_config.json`, or a folder holding one
+        (directly or in `scheduler/`)."""
         return cls(_read_config(cfg))
 
     def to_config(self) -> dict:
@@ -306,4 +309,4 @@ def repaint_timesteps(grid: Sequence[int] | Tensor, jump_length: int = 10, jump_
 def step_pairs(times: Sequence[int]) -> list[tuple[int, int, bool]]:
     """Consecutive (t, s, reverse) pairs of a time sequence; reverse is True when s < t (a denoising step)."""
     times = [int(t) for t in times]
-    return [(t, s, s < t) for t, s in zip(times[:-1], times[1:])]
+    return [(t, s, s < t) for t, s in pairwise(times)]

@@ -31,5 +31,10 @@ def run(cfg: DictConfig, out: Path, gallery) -> dict:
         save_image(image, out / "samples" / f"{i:05d}.png")
     grid = save_grid(images, out / "grid.png", upscale=2)
     gallery.section("samples").append([("grid", grid)])
+    for term in terms:
+        if getattr(term, "frames", None):  # RecordTrajectory: the last batch's trajectory
+            path = save_grid(term.grid_images(), out / "trajectory.png", nrow=len(term.frames), upscale=2)
+            steps = ", ".join(str(f[0]) for f in term.frames)
+            gallery.section("trajectory").append([(f"x_t (upper) and x̂0 (lower) at t = {steps}", path)])
     return {"num_samples": len(images), "seconds": seconds, "seconds_per_image": seconds / len(images),
             "sampler": cfg.sampler.name, "steps": cfg.sampler.steps}

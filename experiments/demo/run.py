@@ -1,0 +1,43 @@
+"""`make demo`: run the zoo models through every method into one gallery, outputs/demo/<time>/index.html.
+
+Each showcase is an ordinary `python -m facelab.sample ...` command line; a method adds its line to SHOWCASES.
+"""
+from __future__ import annotations
+
+import html
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+SHOWCASES = {
+    "ddim": ["method=ddim", "num_samples=16", "sampler.steps=50", "guidance=[record]"],
+}
+
+
+def main() -> Path:
+    demo = ROOT / "outputs" / "demo" / time.strftime("%Y-%m-%d_%H-%M-%S")
+    rows = []
+    for name, overrides in SHOWCASES.items():
+        run_dir = demo / name
+        cmd = [sys.executable, "-m", "facelab.sample", *overrides, f"hydra.run.dir={run_dir}"]
+        print("$", " ".join(cmd[1:]), flush=True)
+        start = time.perf_counter()
+        subprocess.run(cmd, check=True, cwd=ROOT, env={**os.environ, "FACELAB_ROOT": str(ROOT)})
+        metrics = json.loads((run_dir / "metrics.json").read_text())
+        rows.append(f"<h2>{html.escape(name)}</h2><p><code>python -m facelab.sample {html.escape(' '.join(overrides))}"
+                    f"</code> ({time.perf_counter() - start:.0f} s) · <a href='{name}/index.html'>full run</a></p>"
+                    f"<img src='{name}/grid.png'><pre>{html.escape(json.dumps(metrics, indent=1))}</pre>")
+    index = demo / "index.html"
+    index.write_text("<!doctype html><meta charset='utf-8'><title>facelab demo</title>"
+                     "<style>body{font-family:sans-serif}img{image-rendering:pixelated}</style>"
+                     "<h1>facelab demo: the zoo models through every method</h1>" + "\n".join(rows))
+    print(f"gallery: {index}")
+    return index
+
+
+if __name__ == "__main__":
+    main()
