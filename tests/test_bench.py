@@ -37,7 +37,8 @@ def test_bench_main_tiny(bench, tiny_model, tmp_path):
     out = tmp_path / "bench" / "results.json"
     try:
         r = bench.main(["--model", str(tiny_model), "--batch", "2", "--steps", "5", "--repeats", "1",
-                        "--stub-repeats", "2", "--device", "cpu", "--out", str(out), "--quiet"])
+                        "--stub-repeats", "2", "--device", "cpu", "--profile", "always", "--out", str(out),
+                        "--quiet"])
     finally:
         torch.set_num_threads(threads)
     assert json.loads(out.read_text()) == json.loads(json.dumps(r))
@@ -50,5 +51,7 @@ def test_bench_main_tiny(bench, tiny_model, tmp_path):
     assert set(r["median_s"]) == {"bare", "facelab", "diffusers"}
     assert all(v > 0 for v in r["median_s"].values())
     assert r["figure1_overhead"]["median_of_ratios"] > 0 and r["figure2_facelab_over_diffusers"]["median_of_ratios"] > 0
+    assert 0 < r["profile"]["inside_unet_s"] <= r["profile"]["total_s"]
+    assert (out.parent / "profile.txt").read_text().startswith("one facelab run")
     assert r["correctness"]["image_max_abs_diff"] < 1e-4
     assert r["correctness"]["raw_x0_max_abs_diff"] < 1e-4 * max(1.0, r["correctness"]["raw_x0_max_abs"])

@@ -1,7 +1,7 @@
 """Sampling overhead of facelab's diffusion loop, side by side with bare UNet forwards and diffusers.
 
     .venv/bin/python experiments/bench/sampling_overhead.py [--model ddpm64] [--batch 8] [--steps 50]
-        [--repeats 5] [--device auto] [--out experiments/bench/results.json] [--profile]
+        [--repeats 5] [--device auto] [--out experiments/bench/results.json] [--profile auto]
 
 Timed, on one batch x_T and one UNet, interleaved round by round (the order rotates every round):
   bare      `steps` forwards `unet(x, t).sample` in a plain loop (precomputed [B] timestep tensors);
@@ -35,6 +35,7 @@ ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_OUT = ROOT / "experiments" / "bench" / "results.json"
 MODEL_CONFIG = ROOT / "conf" / "model" / "ddpm.yaml"
 SEED = 0
+OVERHEAD_LIMIT = 0.05  # figure 1 above 1 + this (or figure 2 above 1) triggers --profile auto
 
 # DDIMScheduler settings that reproduce facelab's DDIM defaults (see README "Conventions"):
 #   set_alpha_to_one=True  facelab's last step goes to t = -1, i.e. ᾱ = 1 (not ᾱ_0);
@@ -122,41 +123,61 @@ def timed(fn, device: torch.device):
 
 def interleaved(methods: dict, rounds: int, device: torch.device, grad_mode, budget_s: float = 0.0,
                 min_rounds: int = 3, log=lambda *a: None):
-    """Run each method once per round, rotating the order each round; return times and last outputs.
+    """Run each method once per round, rotating the order each round.
 
-    With budget_s > 0, stop early (after at least `min_rounds`) when another round would end past it.
+    Returns (wall times, process CPU times, last outputs). With budget_s > 0, stop early (after at least
+    `min_rounds`) when another round would end past it.
     """
     names = list(methods)
     times = {name: [] for name in names}
+    cpu_times = {name: [] for name in names}
     outputs = {}
     start = time.perf_counter()
     for r in range(rounds):
         for name in names[r % len(names):] + names[:r % len(names)]:
+            cpu_start = time.process_time()
             with grad_mode():
                 seconds, outputs[name] = timed(methods[name], device)
+            cpu_times[name].append(time.process_time() - cpu_start)
             times[name].append(seconds)
         elapsed = time.perf_counter() - start
         log(f"  round {r + 1}: " + ", ".join(f"{n} {times[n][-1]:.3f} s" for n in names))
         if budget_s and r + 1 >= min_rounds and r + 1 < rounds and elapsed * (r + 2) / (r + 1) > budget_s:
             log(f"  stopping after {r + 1} rounds: the next would end past --budget-s {budget_s:.0f}")
             break
-    return times, outputs
+    return times, cpu_times, outputs
 
 
 def median_ratio(num: list[float], den: list[float]) -> float:
     return statistics.median(a / b for a, b in zip(num, den))
 
 
-def profile_facelab(run, device: torch.device, grad_mode, out_path: Path, top: int = 25) -> str:
-    """cProfile over one facelab DDIM run: the top functions by total (own) time, written to `out_path`."""
+def profile_facelab(run, unet: nn.Module, device: torch.device, grad_mode, out_path: Path, top: int = 20):
+    """cProfile over one facelab DDIM run, with the time spent inside the UNet clocked by hooks (synced).
+
+    Writes facelab's own functions and the overall top functions to `out_path`; returns
+    (total seconds, seconds inside the UNet, report text)."""
+    inside, clock = [0.0], [0.0]
+
+    def pre(module, args):
+        _sync(device)
+        clock[0] = time.perf_counter()
+
+    def post(module, args, output):
+        _sync(device)
+        inside[0] += time.perf_counter() - clock[0]
+
+    handles = [unet.register_forward_pre_hook(pre), unet.register_forward_hook(post)]
     profiler = cProfile.Profile()
-    with grad_mode():
-        _sync(device)
-        profiler.enable()
-        run()
-        _sync(device)
-        profiler.disable()
+    try:
+        with grad_mode():
+            total = timed(lambda: (profiler.enable(), run(), profiler.disable()), device)[0]
+    finally:
+        for handle in handles:
+            handle.remove()
     buffer = io.StringIO()
+    buffer.write(f"one facelab run: {total:.3f} s, {inside[0]:.3f} s inside the UNet, "
+                 f"{total - inside[0]:.4f} s outside it (incl. profiler and hook overhead)\n\n")
     stats = pstats.Stats(profiler, stream=buffer)
     buffer.write("== facelab's own functions, by cumulative time ==\n")
     stats.sort_stats("cumulative").print_stats(r"facelab[/\\]", top)
@@ -164,7 +185,7 @@ def profile_facelab(run, device: torch.device, grad_mode, out_path: Path, top: i
     stats.sort_stats("tottime").print_stats(top)
     text = buffer.getvalue()
     out_path.write_text(text)
-    return text
+    return total, inside[0], text
 
 
 # --- main -------------------------------------------------------------------------------------------
@@ -187,7 +208,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "0 keeps torch's default)")
     p.add_argument("--grad-mode", choices=("no_grad", "inference_mode"), default="no_grad",
                    help="context around every timed call (facelab and diffusers use no_grad inside)")
-    p.add_argument("--profile", action="store_true", help="also cProfile one facelab run (profile.txt)")
+    p.add_argument("--profile", choices=("auto", "always", "never"), default="auto",
+                   help="cProfile one facelab run into profile.txt beside --out; auto: only when figure 1 "
+                        f"exceeds {1 + OVERHEAD_LIMIT:g} or facelab is slower than diffusers (figure 2 > 1)")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="results json; a results.md is written beside it")
     p.add_argument("--quiet", action="store_true")
     return p.parse_args(argv)
@@ -239,7 +262,7 @@ def run(args: argparse.Namespace) -> dict:
         bare(bare_t[:2]), facelab(timesteps=short), diffusers_pipe(min(2, args.steps))
     _sync(device)
 
-    times, outputs = interleaved(methods, args.repeats, device, grad_mode, args.budget_s, log=log)
+    times, cpu_times, outputs = interleaved(methods, args.repeats, device, grad_mode, args.budget_s, log=log)
     medians = {name: statistics.median(ts) for name, ts in times.items()}
     for name in methods:
         log(f"  {name:9s} median {medians[name]:.3f} s  ({', '.join(f'{s:.3f}' for s in times[name])})")
@@ -260,7 +283,7 @@ def run(args: argparse.Namespace) -> dict:
                     "diffusers": lambda: diffusers_loop(stub, stub_scheduler, x_T, args.steps)}
     with grad_mode():
         [fn() for fn in stub_methods.values()]
-    stub_times, _ = interleaved(stub_methods, args.stub_repeats, device, grad_mode)
+    stub_times, _, _ = interleaved(stub_methods, args.stub_repeats, device, grad_mode)
     per_step_us = {name: statistics.median(ts) / args.steps * 1e6 for name, ts in stub_times.items()}
 
     # Correctness: same x_T, same UNet. Images: the timed runs' outputs (facelab mapped to [0, 1] as the
@@ -273,11 +296,15 @@ def run(args: argparse.Namespace) -> dict:
     raw_diff = (raw_facelab - raw_diffusers).abs().max().item()
     raw_scale = raw_diffusers.abs().max().item()
 
-    profile_text = None
-    if args.profile:
+    fig1 = median_ratio(times["facelab"], times["bare"])
+    fig2 = median_ratio(times["facelab"], times["diffusers"])
+    profile = None
+    if args.profile == "always" or (args.profile == "auto" and (fig1 > 1 + OVERHEAD_LIMIT or fig2 > 1)):
         profile_path = args.out.with_name("profile.txt")
-        profile_text = profile_facelab(facelab, device, grad_mode, profile_path)
-        log(f"cProfile of one facelab run → {profile_path}")
+        total, inside, _ = profile_facelab(facelab, unet, device, grad_mode, profile_path)
+        profile = {"file": str(profile_path), "total_s": total, "inside_unet_s": inside,
+                   "outside_unet_s": total - inside}
+        log(f"cProfile of one facelab run → {profile_path}: {total - inside:.4f} s of {total:.3f} s outside the UNet")
 
     results = {
         "device": str(device),
@@ -300,13 +327,21 @@ def run(args: argparse.Namespace) -> dict:
         "times_s": times,
         "median_s": medians,
         "figure1_overhead": {  # facelab DDIM / bare forwards
-            "median_of_ratios": median_ratio(times["facelab"], times["bare"]),
+            "median_of_ratios": fig1,
             "ratio_of_medians": medians["facelab"] / medians["bare"],
         },
         "figure2_facelab_over_diffusers": {
-            "median_of_ratios": median_ratio(times["facelab"], times["diffusers"]),
+            "median_of_ratios": fig2,
             "ratio_of_medians": medians["facelab"] / medians["diffusers"],
         },
+        # Process CPU time of the same runs: leaves out the time the process waited for a core (a cross-check
+        # of the wall-time figures on a shared CPU; meaningless on GPU, so not recorded there).
+        "cpu_times_s": cpu_times if device.type == "cpu" else None,
+        "cpu_median_s": {n: statistics.median(ts) for n, ts in cpu_times.items()} if device.type == "cpu" else None,
+        "cpu_time_ratios": {
+            "facelab_over_bare": median_ratio(cpu_times["facelab"], cpu_times["bare"]),
+            "facelab_over_diffusers": median_ratio(cpu_times["facelab"], cpu_times["diffusers"]),
+        } if device.type == "cpu" else None,
         "diffusers_pipeline_extras_s": extra_s,
         "stub_loop_us_per_step": per_step_us,
         "stub_loop_fraction_of_bare": {name: us * args.steps * 1e-6 / medians["bare"]
@@ -320,8 +355,8 @@ def run(args: argparse.Namespace) -> dict:
         "ddim_scheduler_overrides": {**DDIM_OVERRIDES, "steps_offset": schedule.config["steps_offset"]},
         "wall_s": None,
     }
-    if profile_text is not None:
-        results["profile"] = str(args.out.with_name("profile.txt"))
+    if profile is not None:
+        results["profile"] = profile
     results["wall_s"] = time.perf_counter() - wall_start
     return results
 
@@ -345,6 +380,11 @@ def markdown(r: dict) -> str:
         f"| diffusers `DDIMPipeline` ({r['steps']} steps, output_type=pt) | {m['diffusers']:.3f} "
         f"| **{f2['median_of_ratios']:.4f}** (figure 2) | {f2['ratio_of_medians']:.4f} |",
         "",
+        *([f"Same runs in process CPU time (time spent waiting for a core left out): "
+           f"bare {r['cpu_median_s']['bare']:.3f} s, facelab {r['cpu_median_s']['facelab']:.3f} s, diffusers "
+           f"{r['cpu_median_s']['diffusers']:.3f} s; facelab / bare **{r['cpu_time_ratios']['facelab_over_bare']:.4f}**, "
+           f"facelab / diffusers **{r['cpu_time_ratios']['facelab_over_diffusers']:.4f}** (medians of per-round ratios).",
+           ""] if r.get("cpu_time_ratios") else []),
         "| loop cost with a zero-cost stub UNet | µs / step | share of the bare-forward time |",
         "|---|---:|---:|",
         f"| facelab `sample` | {us['facelab']:.0f} | {100 * r['stub_loop_fraction_of_bare']['facelab']:.3f} % |",
@@ -353,7 +393,8 @@ def markdown(r: dict) -> str:
         "",
         f"Pipeline extras inside the diffusers time (x_T draw, set_timesteps, [0, 1] map): "
         f"{r['diffusers_pipeline_extras_s'] * 1e3:.2f} ms.",
-        "",
+        *([f"cProfile of one facelab run ({r['profile']['file']}): {r['profile']['outside_unet_s'] * 1e3:.1f} ms "
+           f"of {r['profile']['total_s']:.3f} s outside the UNet.", ""] if "profile" in r else []),
         f"Correctness (same x_T, same UNet): max |facelab − diffusers| = {c['image_max_abs_diff']:.2e} on the "
         f"[0, 1] images; {c['raw_x0_max_abs_diff']:.2e} on raw x_0 (max |x_0| {c['raw_x0_max_abs']:.2f}, "
         f"{c['raw_samples']} samples). DDIMScheduler overrides: "

@@ -15,6 +15,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 SHOWCASES = {
     "ddim": ["method=ddim", "num_samples=16", "sampler.steps=50", "guidance=[record]"],
+    "fuzzy_replace": ["method=fuzzy", "mode=replace", "mask_s=0.07", "num_samples=4"],
+    "fuzzy_zscore": ["method=fuzzy", "mode=zscore", "self_degrade=true", "num_samples=4", "sampler.steps=25"],
 }
 
 

@@ -1,0 +1,86 @@
+"""Fuzzy conditioning (FC-Diffusion): blend x_t with a freshly noised input under a continuous keep weight m.
+
+At hook point 1 of every reverse step but the first, with g_t = √ᾱ_t·y + √(1−ᾱ_t)·z (fresh z):
+    x ← m⊙g_t + (1−m)⊙x_t                       (RePaint's blend; m = 1 keeps y, m = 0 generates freely)
+    x ← μ + (x − μ)/√(m² + (1−m)²), μ = √ᾱ_t·y   (variance re-normalisation, skipped with renormalize=False)
+
+Strength. Each blend multiplies the free deviation x − √ᾱ_t·y by r(m) = (1−m)/√(m²+(1−m)²), i.e. removes
+ℓ(m) = −ln r(m) = ½·ln(1 + (m/(1−m))²) of its log-magnitude. With strength="per_step" m is applied as given
+at every step (the reference: its strength depends on the step count). With "per_time" m is a strength per
+`reference_step` (Δt_ref = 4 training steps, the reference's 250-step grid) and a step of Δt applies
+m_Δt = M((Δt/Δt_ref)·ℓ(m)), M the inverse of ℓ, so equal diffusion time gives equal conditioning at any step count.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from facelab.diffusion import Guidance, State, randn_like
+
+STRENGTHS = ("per_time", "per_step")
+
+
+def log_retention(m: Tensor) -> Tensor:
+    """ℓ(m) = ½·ln(1 + (m/(1−m))²): the log-shrinkage of the free deviation in one blend (∞ at m = 1)."""
+    return 0.5 * torch.log1p((m / (1 - m)) ** 2)
+
+
+def weight_from_log_retention(ell: Tensor) -> Tensor:
+    """M(ℓ) = k/(1+k) with k = √(e^{2ℓ} − 1), the inverse of `log_retention` (ℓ = 0 → 0, ℓ = ∞ → 1)."""
+    k = torch.expm1(2 * ell).sqrt()
+    return 1 / (1 + 1 / k)
+
+
+def per_time_weight(m: Tensor, dt: float, reference_step: float = 4.0) -> Tensor:
+    """The per-step weight m_Δt = M((Δt/Δt_ref)·ℓ(m)) for a step of Δt training steps (≈ m·√(Δt/Δt_ref) for small m)."""
+    m64 = m.double()
+    return weight_from_log_retention(dt / reference_step * log_retention(m64)).to(m.dtype)
+
+
+def fuzzy_blend(x: Tensor, y: Tensor, m: Tensor, alpha_bar: float, noise: Tensor, renormalize: bool = True) -> Tensor:
+    """Blend x_t with g_t = √ᾱ·y + √(1−ᾱ)·noise under keep weight m (broadcast to x), re-normalising the spread.
+
+    Written as x_b + (x_b − μ)·(1/s − 1), so that binary m (s = 1) gives exactly RePaint's blend x_b.
+    """
+    mean = y * alpha_bar ** 0.5
+    blended = m * (mean + noise * (1 - alpha_bar) ** 0.5) + (1 - m) * x
+    if not renormalize:
+        return blended
+    spread = (m ** 2 + (1 - m) ** 2).sqrt()
+    return blended + (blended - mean) * (1 / spread - 1)
+
+
+class FuzzyBlend(Guidance):
+    """The fuzzy blend at hook point 1 (`before_model`), for a batch of inputs y [B,C,H,W] in [−1, 1] and keep
+    weights m [B,C,H,W] or [B,1,H,W] in [0, 1].
+
+    Skipped on the very first reverse step. `final_composite` copies y where m == 1 after the last step.
+    `applied` maps each step size Δt seen to the per-step weight used for it.
+    """
+
+    def __init__(self, y: Tensor, m: Tensor, strength: str = "per_time", renormalize: bool = True,
+                 final_composite: bool = False, reference_step: float = 4.0):
+        if strength not in STRENGTHS:
+            raise ValueError(f"strength={strength!r}; use one of {STRENGTHS}")
+        self.y, self.m = y, m.to(y)
+        self.strength, self.renormalize = strength, renormalize
+        self.final_composite, self.reference_step = final_composite, reference_step
+        self.applied: dict[int, Tensor] = {}
+
+    def weight(self, dt: int) -> Tensor:
+        """The per-step keep weight for a reverse step of dt training steps."""
+        if dt not in self.applied:
+            self.applied[dt] = (per_time_weight(self.m, dt, self.reference_step) if self.strength == "per_time"
+                                else self.m)
+        return self.applied[dt]
+
+    def before_model(self, state: State) -> None:
+        if state.i == 0:
+            return
+        noise = randn_like(state.x, state.generator)
+        state.x = fuzzy_blend(state.x, self.y, self.weight(state.t - state.s), state.schedule.alpha_bar(state.t),
+                              noise, self.renormalize)
+
+    def after_update(self, state: State) -> None:
+        if self.final_composite and state.s < 0:
+            state.x = torch.where(self.m == 1, self.y, state.x)

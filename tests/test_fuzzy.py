@@ -1,0 +1,319 @@
+"""method=fuzzy (FC-Diffusion): the blend's maths, the per-time strength, projection and statistics, end-to-end runs
+and bad inputs, on a tiny 16 px UNet with a handful of steps."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DDPMScheduler, UNet2DModel
+from PIL import Image
+
+from conftest import TINY_UNET, compose, run_cli
+from facelab.data.layouts import export
+from facelab.data.synthetic import SyntheticFaces
+from facelab.diffusion import Guidance, Schedule, sample
+from facelab.guidance.fuzzy import FuzzyBlend, fuzzy_blend, log_retention, per_time_weight
+from facelab.io.errors import InputError
+from facelab.methods.fuzzy import auroc_ap, self_degrade
+from facelab.methods.fuzzy_stats import RunningMoments, compute_stats, load_stats, project, read_stats, save_stats
+from facelab.models.pretrained import load_denoiser
+from facelab.sample import run_sample
+
+# Projection depths and stride small enough for seconds on a CPU: grids 19, 9 and 39, 29, 19, 9.
+DEPTHS = "zscore_set=[20,40]"
+FAST = ["sampler.steps=3", "progress=false", "batch_size=4"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def single_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def stats_file(tiny_model_dir, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("stats")
+    cfg = compose("fuzzy_stats", [f"model.pretrained={tiny_model_dir}", "N=4", "batch_size=4", DEPTHS,
+                                  "progress=false"], out)
+    return compute_stats(cfg)
+
+
+def fuzzy_cfg(model: Path, out: Path, *overrides: str):
+    return compose("sample", ["method=fuzzy", f"model.pretrained={model}", "num_samples=2", *FAST, *overrides], out)
+
+
+def other_model(folder: Path, seed: int) -> Path:
+    """A second tiny model: same architecture and schedule, other weights."""
+    torch.manual_seed(seed)
+    UNet2DModel(**TINY_UNET).save_pretrained(folder / "unet")
+    DDPMScheduler(num_train_timesteps=1000).save_pretrained(folder / "scheduler")
+    return folder
+
+
+# --- the blend ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("renormalize", [True, False])
+def test_blend_variance_renormalisation(renormalize):
+    """x_t ~ q(x_t | y) blended with fractional m keeps mean √ᾱ·y and variance 1−ᾱ; fuzzy_off shrinks it."""
+    gen = torch.Generator().manual_seed(0)
+    n, abar = 200_000, 0.3
+    m = torch.tensor([0.1, 0.5, 0.8], dtype=torch.float64)[:, None]
+    y = torch.tensor([0.7, -0.4, 0.2], dtype=torch.float64)[:, None]
+    x_t = abar ** 0.5 * y + (1 - abar) ** 0.5 * torch.randn(3, n, generator=gen, dtype=torch.float64)
+    x = fuzzy_blend(x_t, y, m, abar, torch.randn(3, n, generator=gen, dtype=torch.float64), renormalize)
+    expected = (1 - abar) * (torch.ones(3, dtype=torch.float64) if renormalize else m[:, 0] ** 2 + (1 - m[:, 0]) ** 2)
+    torch.testing.assert_close(x.mean(1), abar ** 0.5 * y[:, 0], atol=5e-3, rtol=0)
+    torch.testing.assert_close(x.var(1), expected, rtol=1.5e-2, atol=0)
+
+
+def test_binary_mask_is_the_repaint_blend_exactly():
+    gen = torch.Generator().manual_seed(1)
+    x, y, z = (torch.randn(2, 3, 8, 8, generator=gen) for _ in range(3))
+    m = (torch.rand(2, 1, 8, 8, generator=gen) < 0.5).float()
+    abar = 0.42
+    repaint = m * (y * abar ** 0.5 + z * (1 - abar) ** 0.5) + (1 - m) * x
+    assert torch.equal(fuzzy_blend(x, y, m, abar, z), repaint)
+    assert torch.equal(per_time_weight(m, 20.0), m)  # 0 and 1 are fixed points of the per-time conversion
+
+
+def test_per_time_conversion():
+    m = torch.tensor([0.0, 1e-3, 0.07, 0.3, 0.9, 1.0], dtype=torch.float64)
+    torch.testing.assert_close(per_time_weight(m, 4), m)  # Δt = Δt_ref: as given
+    for dt in (1, 5, 20, 40):
+        w = per_time_weight(m, dt)
+        assert w[0] == 0 and w[-1] == 1 and torch.all(w[1:-1] > 0) and torch.all(w[1:-1] < 1)
+        # two half steps remove as much of the deviation as one full step
+        torch.testing.assert_close(2 * log_retention(per_time_weight(m[1:-1], dt / 2)), log_retention(w[1:-1]))
+    assert per_time_weight(torch.tensor([1e-3]), 16).item() == pytest.approx(2e-3, rel=1e-3)  # ≈ m·√(Δt/Δt_ref)
+    assert torch.all(per_time_weight(m[1:-1], 20) > m[1:-1])  # bigger steps, stronger per step
+
+
+class _Inputs(Guidance):
+    def __init__(self):
+        self.seen = []
+
+    def before_model(self, state):
+        self.seen.append(state.x.clone())
+
+
+def test_blend_hook_skips_first_step_and_composites():
+    schedule = Schedule()
+    gen = torch.Generator().manual_seed(0)
+    y, x_T = torch.rand(2, 3, 4, 4, generator=gen) * 2 - 1, torch.randn(2, 3, 4, 4, generator=gen)
+    m = torch.ones(2, 1, 4, 4)
+    m[0] = 0.5
+    before, after = _Inputs(), _Inputs()
+    out = sample(lambda x, t, c: torch.zeros_like(x), schedule, x_T, [999, 500, 0],
+                 guidance=[before, FuzzyBlend(y, m, final_composite=True), after], generator=gen, sampler="ddpm")
+    assert torch.equal(before.seen[0], x_T) and torch.equal(after.seen[0], x_T)
+    assert not torch.equal(before.seen[1], after.seen[1])
+    assert torch.equal(out[1], y[1]) and not torch.equal(out[0], y[0])
+
+
+# --- degradation, metrics, projection, statistics ---------------------------------------------------------
+def test_self_degrade_is_seeded_rectangles():
+    images = torch.rand(16, 3, 32, 32) * 0.5 + 0.5
+    degraded, hit = self_degrade(images, torch.Generator().manual_seed(3))
+    again, hit_again = self_degrade(images, torch.Generator().manual_seed(3))
+    assert torch.equal(degraded, again) and torch.equal(hit, hit_again)
+    assert torch.equal(degraded, torch.where(hit, torch.zeros_like(images), images))
+    pixels = hit.any(1)
+    assert 8 <= pixels.flatten(1).any(1).sum() < 16  # most images are hit, some (p = 1/8 + channel luck) not
+    assert 0.01 < pixels.float().mean() < 0.4  # sides ≈ N(S/4, S/8)
+
+
+def test_auroc_is_exact_with_ties():
+    scores = torch.tensor([0.1, 0.4, 0.35, 0.8, 0.4, 0.4, 0.05])
+    labels = torch.tensor([0, 0, 1, 1, 1, 0, 1], dtype=torch.bool)
+    pos, neg = scores[labels], scores[~labels]
+    pairs = (pos[:, None] > neg[None]).float() + 0.5 * (pos[:, None] == neg[None]).float()
+    assert auroc_ap(scores, labels)[0] == pytest.approx(pairs.mean().item())
+    assert auroc_ap(scores, torch.zeros_like(labels)) == (None, None)
+
+
+def test_running_moments_match_float64_reference():
+    data = torch.randn(37, 3, 4, 4, dtype=torch.float64) * 50 + 1000
+    moments = RunningMoments()
+    for chunk in data.split([5, 16, 1, 15]):
+        moments.update(chunk)
+    var, mean = torch.var_mean(data, 0, correction=0)
+    assert moments.n == 37
+    torch.testing.assert_close(moments.mean, mean)
+    torch.testing.assert_close(moments.std, var.sqrt())
+
+
+class _Recorder(torch.nn.Module):
+    """A denoiser stand-in (predicts ε = 0) recording the time and input of every call."""
+
+    def __init__(self):
+        super().__init__()
+        self.schedule, self.last_variance, self.calls = Schedule(), None, []
+
+    def forward(self, x, t, cond=None):
+        self.calls.append((t, x.clone()))
+        return torch.zeros_like(x)
+
+
+@pytest.mark.parametrize("offset", [True, False])
+def test_projection_is_one_batched_pass_with_shared_noise(offset):
+    recorder, gen = _Recorder(), torch.Generator().manual_seed(0)
+    y, eps = torch.rand(2, 3, 4, 4) * 2 - 1, torch.randn(2, 3, 4, 4)
+    projected = project(recorder, y, [20, 40], eps, gen, offset=offset, step=10)
+    assert projected.shape == (2, 2, 3, 4, 4) and projected.abs().max() <= 1
+    top = 39 if offset else 40
+    assert [(t, len(x)) for t, x in recorder.calls] == [(top, 2), (top - 10, 2), (top - 20, 4), (top - 30, 4)] + (
+        [] if offset else [(0, 4)])
+    # rows are image-major (image 0: depths 20, 40); depth 20 rows are untouched until their first call
+    first_20, first_40 = recorder.calls[2][1][[0, 2]], recorder.calls[0][1]
+    abar = recorder.schedule.alphas_cumprod.float()
+    for depth, x in ((20, first_20), (40, first_40)):
+        torch.testing.assert_close((x - abar[depth].sqrt() * y) / (1 - abar[depth]).sqrt(), eps)
+
+
+def test_stats_round_trip_and_metadata_checks(stats_file, tiny_model_dir, tmp_path):
+    denoiser = load_denoiser(str(tiny_model_dir))
+    tensors, meta = read_stats(stats_file)
+    assert meta["depths"] == [20, 40] and meta["N"] == 4 and meta["resolution"] == 16
+    assert meta["projection_step"] == 10 and meta["projection_offset"] is True and meta["faces"]["start"] == 0
+    mean, std, _ = load_stats(stats_file.parent, denoiser, "tiny", [40], True, 10)
+    assert mean.shape == std.shape == (1, 3, 16, 16) and mean.dtype == torch.float64
+    assert torch.equal(mean[0], tensors["mean"][1]) and torch.all(std > 0)
+
+    with pytest.raises(InputError, match="no statistics for depth"):
+        load_stats(stats_file, denoiser, "tiny", [30], True, 10)
+    with pytest.raises(InputError, match="projection convention"):
+        load_stats(stats_file, denoiser, "tiny", [20], True, 1)
+    with pytest.raises(InputError, match="zscore_N=1000"):
+        load_stats(stats_file, denoiser, "tiny", [20], True, 10, N=1000)
+    with pytest.raises(InputError, match="computed for model .* not for model.pretrained=other"):
+        load_stats(stats_file, load_denoiser(str(other_model(tmp_path / "other", 1))), "other", [20], True, 10)
+    moments = RunningMoments()
+    moments.update(torch.rand(2, 1, 3, 32, 32))
+    wrong_size = save_stats(tmp_path / "s32.safetensors", moments, [20], {**meta, "resolution": 32})
+    with pytest.raises(InputError, match="32 px"):
+        load_stats(wrong_size, denoiser, "tiny", [20], True, 10)
+    (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(InputError, match="not a safetensors"):
+        load_stats(tmp_path / "junk.safetensors", denoiser, "tiny", [20], True, 10)
+    before = stats_file.read_bytes()
+    with pytest.raises(FileExistsError):
+        compute_stats(compose("fuzzy_stats", [f"model.pretrained={tiny_model_dir}", "N=4", f"out={stats_file}"],
+                              tmp_path))
+    assert stats_file.read_bytes() == before
+
+
+# --- end to end -------------------------------------------------------------------------------------------
+def _png(path: Path) -> np.ndarray:
+    return np.asarray(Image.open(path))
+
+
+def test_replace_mode_on_default_synthetic_faces(tiny_model_dir, tmp_path):
+    out = tmp_path / "run"
+    metrics = run_sample(fuzzy_cfg(tiny_model_dir, out, "mask_s=0.07"))
+    assert metrics["mode"] == "replace" and metrics["strength"] == "per_time" and metrics["num_images"] == 2
+    assert metrics["network_calls_per_image"] == 3 and metrics["mean_m"] == pytest.approx(0.07)
+    names = sorted(p.name for p in (out / "inpainted").iterdir())
+    assert names == ["900000.png", "900001.png"]  # held-out synthetic test faces
+    for folder in ("gt_image", "mask_used", "gt_masked"):
+        assert sorted(p.name for p in (out / folder).iterdir()) == names
+    assert np.all(_png(out / "mask_used" / names[0]) == 18)  # round(0.07·255)
+    gt, masked = _png(out / "gt_image" / names[0]).astype(float), _png(out / "gt_masked" / names[0]).astype(float)
+    assert np.abs(masked - 0.07 * gt).max() <= 1.01  # a truthful m·image, not black where y < 0
+    maps = np.load(out / "maps" / "900000.npz")
+    assert maps["m"].shape == (3, 16, 16)
+    # the 3-step leading grid 666, 333, 0 blends at Δt = 333 and, before the last call, Δt = 1
+    assert sorted(k for k in maps.files if k.startswith("m_applied")) == ["m_applied_dt1", "m_applied_dt333"]
+    assert maps["m_applied_dt333"].max() > 0.4 > 0.07 > maps["m_applied_dt1"].max()
+    html = (out / "index.html").read_text()
+    assert "inpainted/900000.png" in html and "gt_masked/900001.png" in html
+
+
+def test_modulate_mode_with_image_and_mask_folders(tiny_model_dir, tmp_path):
+    root = export(SyntheticFaces(size=16, length=2, seed=5), tmp_path / "data", ["image_mask"])
+    mask = _png(root / "masks" / "000000.png").copy()
+    mask[:4] = 128  # a fuzzy (grey) band
+    Image.fromarray(mask).save(root / "masks" / "000000.png")
+    out = tmp_path / "run"
+    metrics = run_sample(fuzzy_cfg(tiny_model_dir, out, "mode=modulate", "mask_s=0.5", f"gt_path={root / 'images'}",
+                                   f"mask_path={root / 'masks'}", "sampler=repaint", "sampler.steps=4",
+                                   "sampler.jump_length=1", "sampler.jump_n_sample=2"))
+    assert metrics["strength"] == "per_step" and metrics["network_calls_per_image"] == 7
+    used = _png(out / "mask_used" / "000000.png").astype(int)
+    keep = _png(root / "masks" / "000000.png").astype(int)
+    assert np.abs(used - keep[..., None] * 0.5).max() <= 1  # m = mask·mask_s (greyscale mask, RGB m), grey kept
+    assert sorted(p.name for p in (out / "inpainted").iterdir()) == ["000000.png", "000001.png"]
+    assert list(np.load(out / "maps" / "000001.npz")["m_applied_dt1"].shape) == [3, 16, 16]
+
+
+def test_zscore_self_degrade_cli_writes_every_output(tiny_model_dir, stats_file, tmp_path):
+    out = tmp_path / "run"
+    res = run_cli("sample", "method=fuzzy", f"model.pretrained={tiny_model_dir}", "mode=zscore", "self_degrade=true",
+                  "num_samples=3", *FAST, DEPTHS, f"zscore_path={stats_file}", "seed=1", f"hydra.run.dir={out}")
+    assert res.returncode == 0, res.stderr[-2000:]
+    names = ["900000", "900001", "900002"]
+    for folder in ("inpainted", "gt_image", "gt_masked", "mask_used", "mask_nolambda", "degradation_mask", "clean"):
+        assert sorted(p.stem for p in (out / folder).iterdir()) == names, folder
+    for folder in ("projected", "err", "errzscore"):
+        assert sorted(p.stem for p in (out / folder).iterdir()) == sorted(f"{n}_{d:04d}" for n in names
+                                                                          for d in (20, 40)), folder
+    maps = np.load(out / "maps" / "900000.npz")
+    assert {"A", "zhat", "err", "m", "degradation"} <= set(maps.files) and list(maps["depths"]) == [20, 40]
+    assert maps["zhat"].shape == (2, 3, 16, 16) and 0 <= maps["A"].min() and maps["A"].max() <= 1
+    assert maps["m"].max() <= 0.1 + 1e-6  # ood_lambda·(1 − A)²
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert 0 <= metrics["auroc"] <= 1 and set(metrics["auroc_depth"]) == {"20", "40"}
+    for key in ("psnr_inside_before", "psnr_inside_after", "psnr_outside_before", "psnr_outside_after"):
+        assert isinstance(metrics[key], float)
+    assert metrics["network_calls_per_image"] == 3 + 2 + 4
+    assert "errzscore/900002_0040.png" in (out / "index.html").read_text() and (out / "grid.png").is_file()
+
+
+# --- bad input --------------------------------------------------------------------------------------------
+@pytest.fixture
+def folders(tmp_path) -> Path:
+    return export(SyntheticFaces(size=16, length=2, seed=5), tmp_path / "data", ["image_mask"])
+
+
+@pytest.mark.parametrize("case", ["missing_mask", "mask_size", "not_an_image", "mask_s", "mode", "depth",
+                                  "stats_of_other_model", "no_mask_path"])
+def test_bad_input_is_one_clear_error(case, folders, tiny_model_dir, stats_file, tmp_path):
+    images, masks = folders / "images", folders / "masks"
+    model = tiny_model_dir
+    overrides = ["mode=modulate", f"gt_path={images}", f"mask_path={masks}"]
+    if case == "missing_mask":
+        (masks / "000001.png").unlink()
+        message = "no mask for 1 image"
+    elif case == "mask_size":
+        Image.new("RGB", (8, 8), "white").save(masks / "000001.png")
+        message = "mask is 8x8 but image 000001.png is 16x16"
+    elif case == "not_an_image":
+        (images / "000002.png").write_text("hello")
+        (masks / "000002.png").write_text("hello")
+        message = "not an image"
+    elif case == "mask_s":
+        overrides.append("mask_s=1.5")
+        message = r"mask_s=1.5: must lie in \[0, 1\]"
+    elif case == "mode":
+        overrides.append("mode=get_zscor")
+        message = "mode='get_zscor'"
+    elif case == "depth":
+        overrides = ["mode=zscore", "zscore_set=[300,1000]", f"zscore_path={stats_file}"]
+        message = r"depths must be distinct integers in \[1, 999\]"
+    elif case == "stats_of_other_model":
+        model = other_model(tmp_path / "other", 2)
+        overrides = ["mode=zscore", DEPTHS, f"zscore_path={stats_file}"]
+        message = "statistics were computed for model"
+    else:
+        overrides = ["mode=mask", f"gt_path={images}"]
+        message = "mode=mask needs mask_path"
+    out = tmp_path / "run"
+    (out / "inpainted").mkdir(parents=True)
+    (out / "inpainted" / "000000.png").write_bytes(b"earlier result")
+    with pytest.raises(InputError, match=message):
+        run_sample(fuzzy_cfg(model, out, *overrides))
+    assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "inpainted"]
+    assert (out / "inpainted" / "000000.png").read_bytes() == b"earlier result"
+
