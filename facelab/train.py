@@ -7,6 +7,7 @@ from pathlib import Path
 import hydra
 import pytorch_lightning as pl
 from hydra.utils import instantiate
+from pytorch_lightning.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
 from facelab.utils import entry_point, resolve_checkpoint
@@ -25,6 +26,9 @@ def run_train(cfg: DictConfig) -> dict[str, float]:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     trainer.fit(model, datamodule=datamodule, ckpt_path=resolve_checkpoint(cfg.get("ckpt_path")))
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    for logger in loggers:
+        if isinstance(logger, WandbLogger):  # finish the run so the next job (multirun) starts its own
+            logger.experiment.finish()
     if trainer.is_global_zero:
         if cfg.export and hasattr(model, "export"):
             model.export(out / "diffusers")

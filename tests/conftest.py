@@ -11,7 +11,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-torch.set_num_threads(2)
+torch.set_num_threads(1)  # tiny tensors: one thread is fastest and never oversubscribes
 
 TINY_UNET = dict(sample_size=16, in_channels=3, out_channels=3, layers_per_block=1, block_out_channels=(8, 16),
                  down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
@@ -40,7 +40,7 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 
 def run_cli(module: str, *overrides: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
     """Run `python -m facelab.<module> overrides...` as a user would."""
-    env = {**os.environ, "FACELAB_ROOT": str(cwd or ROOT), "OMP_NUM_THREADS": "2"}
+    env = {**os.environ, "FACELAB_ROOT": str(cwd or ROOT), "OMP_NUM_THREADS": "1"}
     return subprocess.run([sys.executable, "-m", f"facelab.{module}", *overrides], capture_output=True, text=True,
                           cwd=cwd or ROOT, env=env, timeout=600)
 

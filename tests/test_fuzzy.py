@@ -16,7 +16,7 @@ from facelab.data.synthetic import SyntheticFaces
 from facelab.diffusion import Guidance, Schedule, sample
 from facelab.guidance.fuzzy import FuzzyBlend, fuzzy_blend, log_retention, per_time_weight
 from facelab.io.errors import InputError
-from facelab.methods.fuzzy import auroc_ap, self_degrade
+from facelab.methods.fuzzy import auroc_ap, reduce_mask, self_degrade
 from facelab.methods.fuzzy_stats import RunningMoments, compute_stats, load_stats, project, read_stats, save_stats
 from facelab.models.pretrained import load_denoiser
 from facelab.sample import run_sample
@@ -123,6 +123,12 @@ def test_self_degrade_is_seeded_rectangles():
     pixels = hit.any(1)
     assert 8 <= pixels.flatten(1).any(1).sum() < 16  # most images are hit, some (p = 1/8 + channel luck) not
     assert 0.01 < pixels.float().mean() < 0.4  # sides ≈ N(S/4, S/8)
+
+
+def test_luminance_mask_reduce():
+    m = torch.tensor([0.2, 0.4, 0.6])[None, :, None, None].expand(2, 3, 4, 4)
+    assert reduce_mask(m, "per_channel") is m
+    torch.testing.assert_close(reduce_mask(m, "luminance"), torch.full((2, 1, 4, 4), 0.299 * 0.2 + 0.587 * 0.4 + 0.114 * 0.6))
 
 
 def test_auroc_is_exact_with_ties():
@@ -278,7 +284,7 @@ def folders(tmp_path) -> Path:
 
 
 @pytest.mark.parametrize("case", ["missing_mask", "mask_size", "not_an_image", "mask_s", "mode", "depth",
-                                  "stats_of_other_model", "no_mask_path"])
+                                  "stats_of_other_model", "test_faces_in_stats", "no_mask_path"])
 def test_bad_input_is_one_clear_error(case, folders, tiny_model_dir, stats_file, tmp_path):
     images, masks = folders / "images", folders / "masks"
     model = tiny_model_dir
@@ -306,6 +312,9 @@ def test_bad_input_is_one_clear_error(case, folders, tiny_model_dir, stats_file,
         model = other_model(tmp_path / "other", 2)
         overrides = ["mode=zscore", DEPTHS, f"zscore_path={stats_file}"]
         message = "statistics were computed for model"
+    elif case == "test_faces_in_stats":
+        overrides = ["mode=zscore", DEPTHS, f"zscore_path={stats_file}", "method.faces.start=2"]
+        message = "overlap the 4 statistics faces"
     else:
         overrides = ["mode=mask", f"gt_path={images}"]
         message = "mode=mask needs mask_path"

@@ -176,12 +176,8 @@ def read_inputs(cfg: DictConfig, resolution: int) -> tuple[list[str], Tensor, Te
             raise InputError(f"{path}: image is {width}x{height}; fuzzy needs square images (the model works at "
                              f"{resolution}x{resolution})")
     images = torch.stack([_resize(item["image"], resolution, "bicubic").clamp(-1, 1) for item in items])
-    if not needs_masks:
-        return folder.names, images, None
-    for item, path in zip(items, folder.mask_paths):
-        if item["keep"].min() < 0 or item["keep"].max() > 1:
-            raise InputError(f"{path}: mask values must lie in [0, 1] after scaling (white = keep)")
-    return folder.names, images, torch.stack([_resize(item["keep"], resolution, "bilinear") for item in items])
+    keeps = torch.stack([_resize(item["keep"], resolution, "bilinear") for item in items]) if needs_masks else None
+    return folder.names, images, keeps
 
 
 def _resize(x: Tensor, size: int, mode: str) -> Tensor:
@@ -324,7 +320,9 @@ def write_outputs(out: Path, gallery, names: list[str], results: dict, depths: l
         pictures.append(("inpainted", results["inpainted"][i]))
         images.append([(folder, save_image(picture, out / folder / f"{name}.png")) for folder, picture in pictures])
         shown = dict(pictures)
-        grid += [shown.get("clean", y), y, shown.get("mask_nolambda", m * 2 - 1).expand_as(y), shown["inpainted"]]
+        columns = [shown[key] for key in ("clean", "gt_image", "mask_nolambda", "mask_used", "inpainted")
+                   if key in shown and not (key == "mask_used" and depths)]
+        grid += [picture.expand_as(y) for picture in columns]
         if depths:
             row = []
             for k, d in enumerate(depths):
@@ -339,5 +337,5 @@ def write_outputs(out: Path, gallery, names: list[str], results: dict, depths: l
         with open(out / "maps" / f"{name}.npz", "xb") as file:
             np.savez_compressed(file, depths=np.asarray(depths, dtype=np.int64),
                                 **{key: value.numpy() for key, value in arrays.items()})
-    path = save_grid(torch.stack(grid), out / "grid.png", nrow=4, upscale=2)
-    gallery.section("grid: input (clean), input, keep map, output").append([("grid", path)])
+    path = save_grid(torch.stack(grid), out / "grid.png", nrow=len(columns), upscale=2)
+    gallery.section("grid: (clean,) input, keep map (1 − A in zscore mode), output").append([("grid", path)])

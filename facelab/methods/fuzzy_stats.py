@@ -112,7 +112,7 @@ def model_fingerprint(denoiser: Denoiser) -> str:
     digest = hashlib.sha256(json.dumps(denoiser.schedule.config, sort_keys=True).encode())
     for name, tensor in sorted(denoiser.unet.state_dict().items()):
         digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
 
 
@@ -138,8 +138,8 @@ def read_stats(path: Path) -> tuple[dict, dict]:
     if path.is_dir():
         path = path / STATS_FILE
     if not path.is_file():
-        raise InputError(f"zscore_path={path}: no statistics file; compute one with "
-                         "`python -m facelab.fuzzy_stats model.pretrained=<model>`")
+        raise InputError(f"{path}: no such statistics file; compute it with "
+                         f"`python -m facelab.fuzzy_stats model.pretrained=<model> out={path}`")
     try:
         with safe_open(str(path), "pt") as file:
             tensors = {key: file.get_tensor(key) for key in file.keys()}
