@@ -66,9 +66,9 @@ def test_other_loggers_write_their_runs(logger, tmp_path, monkeypatch):
         deadline = time.time() + 20  # wandb's service process flushes the offline log after finish() returns
         while time.time() < deadline:
             records = b"".join(p.read_bytes() for p in runs[0].glob("*.wandb"))
-            if b"ddpm_synthetic" in records and b"train/loss" in records:  # resolved config and metrics
+            if b"ddpm_synthetic" in records and b"val/loss" in records:  # resolved config and metrics
                 break
             time.sleep(0.5)
-        assert b"ddpm_synthetic" in records and b"train/loss" in records
+        assert b"ddpm_synthetic" in records and b"val/loss" in records
     else:
         assert list((out / "tensorboard").rglob("events.out.tfevents.*"))
