@@ -16,15 +16,6 @@ ABAR = np.cumprod(1 - np.linspace(1e-4, 0.02, 1000)).tolist()  # independent flo
 
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """Small tensors: intra-op threads only add contention on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def schedule():
     return Schedule.from_config(FIXTURE)

@@ -26,13 +26,6 @@ DEPTHS = "zscore_set=[20,40]"
 FAST = ["sampler.steps=3", "progress=false", "batch_size=4"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
 def stats_file(tiny_model_dir, tmp_path_factory) -> Path:

@@ -127,3 +127,17 @@ def test_colorize_mask_uses_palette_and_checks_range(face):
     assert (rgb == CELEBAMASK_PALETTE[face["mask"].numpy()]).all()
     with pytest.raises(ValueError, match="0..18"):
         colorize_mask(torch.full((2, 2), 19))
+
+
+def test_keep_mask_bit_depths(tmp_path):
+    from PIL import Image
+    import numpy as np
+
+    grey16 = tmp_path / "m16.png"
+    Image.fromarray(np.full((4, 4), 32768, np.uint16)).save(grey16)
+    assert abs(read_keep_mask(grey16).mean().item() - 32768 / 65535) < 1e-6
+    assert read_keep_mask(grey16, size=8).shape == (3, 8, 8)
+    floats = tmp_path / "mf.tif"
+    Image.fromarray(np.full((4, 4), 2.0, np.float32)).save(floats)
+    with pytest.raises(InputError, match="mf.tif: keep-masks must be 8- or 16-bit"):
+        read_keep_mask(floats)

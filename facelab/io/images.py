@@ -106,9 +106,26 @@ def save_mask(mask: torch.Tensor | np.ndarray, path: str | Path, style: str = "i
 
 
 def read_keep_mask(path: str | Path, size: Size = None) -> torch.Tensor:
-    """Read a keep-mask image as float [3, H, W] in [0, 1] (white = keep, grey = partial), bilinear-resized."""
-    img = _resize(_open(path).convert("RGB"), size, Image.Resampling.BILINEAR)
+    """Read a keep-mask image as float [3, H, W] in [0, 1] (white = keep, grey = partial), bilinear-resized.
+
+    8-bit masks (1, L, LA, P, RGB, RGBA) scale by 1/255, 16-bit greyscale ones by 1/65535; other modes (float,
+    32-bit) have no defined white and are refused rather than silently clipped.
+    """
+    img = _open(path)
+    if img.mode in ("I;16", "I;16B", "I;16L"):
+        grey = torch.from_numpy(np.array(img, dtype=np.float32)) / 65535
+        return _resize_tensor(grey.expand(3, -1, -1), size)
+    if img.mode not in ("1", "L", "LA", "P", "RGB", "RGBA"):
+        raise InputError(f"{path}: keep-masks must be 8- or 16-bit images, not PIL mode {img.mode}")
+    img = _resize(img.convert("RGB"), size, Image.Resampling.BILINEAR)
     return _to_tensor(img) / 255
+
+
+def _resize_tensor(x: torch.Tensor, size: Size) -> torch.Tensor:
+    hw = _hw(size)
+    if hw is None or tuple(x.shape[-2:]) == hw:
+        return x.contiguous()
+    return torch.nn.functional.interpolate(x[None], size=hw, mode="bilinear", align_corners=False)[0]
 
 
 def _hw(size: Size) -> tuple[int, int] | None:
