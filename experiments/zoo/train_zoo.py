@@ -19,6 +19,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[2]
 ZOO = {"ddpm64": "zoo_ddpm64"}  # zoo name -> training experiment
+# What else each zoo model ships, computed from the installed model: (module, overrides).
+EXTRAS = {"ddpm64": [("facelab.fuzzy_stats", ["model.pretrained=ddpm64", "N=512", "batch_size=32", "overwrite=true",
+                                               "out=facelab/zoo/ddpm64/fuzzy_stats.safetensors"])]}
 
 
 def train(name: str, overrides: list[str]) -> None:
@@ -47,6 +50,8 @@ def train(name: str, overrides: list[str]) -> None:
     }
     (target / "recipe.json").write_text(json.dumps(recipe, indent=2))
     print(json.dumps(recipe, indent=2))
+    for module, extra in EXTRAS.get(name, []):
+        subprocess.run([sys.executable, "-m", module, *extra, f"hydra.run.dir={run_dir / module}"], check=True, cwd=ROOT)
 
 
 if __name__ == "__main__":

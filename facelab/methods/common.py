@@ -36,5 +36,6 @@ def run_sampler(denoiser: Denoiser, x_T: torch.Tensor, sampler: DictConfig, gene
                 guidance=(), progress: bool = True, **kwargs) -> torch.Tensor:
     """Sample x_0 from x_T with the configured sampler (ddim / ddpm / repaint) and guidance terms."""
     return sample(denoiser, denoiser.schedule, x_T, sampler_timesteps(denoiser, sampler), guidance=guidance,
-                  eta=sampler.eta, sampler="ddim" if sampler.name == "ddim" else "ddpm", clip=sampler.clip,
+                  eta=sampler.eta, sampler="ddim" if sampler.name == "ddim" else "ddpm",
+                  clip=denoiser.schedule.clip_sample if sampler.clip is None else sampler.clip,
                   generator=generator, progress=progress, **kwargs)

@@ -57,11 +57,11 @@ class PixelDDPM(pl.LightningModule):
 
     @torch.no_grad()
     def sample_images(self, num: int, steps: int = 50, generator: torch.Generator | None = None) -> torch.Tensor:
-        """DDIM(η=0) samples from the EMA weights, in [-1, 1]."""
+        """DDIM(η=0) samples from the EMA weights, in [-1, 1], x̂0 clipped as the scheduler config says."""
         size = self.hparams.unet["sample_size"]
         x = torch.randn(num, self.unet.config.in_channels, size, size, generator=generator, device=self.device)
         return sample(self.denoiser(), self.schedule, x, self.schedule.timesteps(steps), eta=0.0,
-                      generator=generator, progress=False)
+                      clip=self.schedule.clip_sample, generator=generator, progress=False)
 
     def export(self, folder: str | Path) -> Path:
         """Write the EMA UNet and the scheduler as a diffusers folder (unet/, scheduler/)."""
