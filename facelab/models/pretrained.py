@@ -54,7 +54,7 @@ def _from_folder(folder: Path):
                   if p.is_file()), None)
     if sched is None:
         raise InputError(f"{folder}: no scheduler/scheduler_config.json, so the noise schedule is unknown")
-    unet = _unet_class(sub / "config.json").from_pretrained(sub)
+    unet = _unet_class(sub / "config.json").from_pretrained(sub, low_cpu_mem_usage=False)
     return unet, Schedule.from_config(sched)
 
 
