@@ -1,10 +1,12 @@
 """`make demo`: run the zoo models through every method into one gallery, outputs/demo/<time>/index.html.
 
 Each showcase is an ordinary `python -m facelab.sample ...` command line; a method adds its line to SHOWCASES.
+`--figures` also copies each showcase's grid.png and metrics.json to experiments/demo/figures/ (the README's).
 """
 from __future__ import annotations
 
 import html
+import shutil
 import json
 import os
 import subprocess
@@ -12,7 +14,8 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
 SHOWCASES = {
     "ddim": ["method=ddim", "num_samples=16", "sampler.steps=50", "guidance=[record]"],
     "fuzzy_replace": ["method=fuzzy", "mode=replace", "mask_s=0.07", "num_samples=4"],
@@ -20,7 +23,7 @@ SHOWCASES = {
 }
 
 
-def main() -> Path:
+def main(figures: bool = False) -> Path:
     demo = ROOT / "outputs" / "demo" / time.strftime("%Y-%m-%d_%H-%M-%S")
     rows = []
     for name, overrides in SHOWCASES.items():
@@ -30,6 +33,10 @@ def main() -> Path:
         start = time.perf_counter()
         subprocess.run(cmd, check=True, cwd=ROOT, env={**os.environ, "FACELAB_ROOT": str(ROOT)})
         metrics = json.loads((run_dir / "metrics.json").read_text())
+        if figures:
+            (HERE / "figures").mkdir(exist_ok=True)
+            shutil.copy(run_dir / "grid.png", HERE / "figures" / f"{name}.png")
+            shutil.copy(run_dir / "metrics.json", HERE / "figures" / f"{name}.json")
         rows.append(f"<h2>{html.escape(name)}</h2><p><code>python -m facelab.sample {html.escape(' '.join(overrides))}"
                     f"</code> ({time.perf_counter() - start:.0f} s) · <a href='{name}/index.html'>full run</a></p>"
                     f"<img src='{name}/grid.png'><pre>{html.escape(json.dumps(metrics, indent=1))}</pre>")
@@ -42,4 +49,4 @@ def main() -> Path:
 
 
 if __name__ == "__main__":
-    main()
+    main(figures="--figures" in sys.argv[1:])
