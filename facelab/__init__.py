@@ -1,2 +1,8 @@
 """facelab: face-diffusion experiment framework on one shared core."""
+import warnings
+
 __version__ = "0.1.0"
+
+# conf/hydra/launcher/submitit_local.yaml replaces the submitit plugin's config of that name on purpose (its task and
+# GPU counts follow the trainer); Hydra validates it against the plugin's schema and warns that this is deprecated.
+warnings.filterwarnings("ignore", message=r"\s*'hydra/launcher/submitit_local' is validated against ConfigStore schema")

@@ -20,12 +20,10 @@ class SampleGrid(pl.Callback):
         self.every_n_steps, self.num_samples, self.steps, self.seed = every_n_steps, num_samples, steps, seed
 
     def _log(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
-        if not hasattr(module, "sample_images"):
+        if not hasattr(module, "sample_images") or not trainer.is_global_zero:  # sampling needs no other rank
             return
         generator = torch.Generator(module.device).manual_seed(self.seed)
         images = module.sample_images(self.num_samples, self.steps, generator)
-        if not trainer.is_global_zero:
-            return
         step = trainer.global_step
         save_grid(images, Path(trainer.default_root_dir) / "samples" / f"step_{step:06d}.png", upscale=2)
         grid = image_grid(images)

@@ -6,29 +6,53 @@ import logging
 import sys
 from pathlib import Path
 
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+
 from facelab.io.errors import InputError
 
 log = logging.getLogger("facelab")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def compose_config(config_name: str, overrides: list[str], run_dir: Path):
+    """Compose a primary config as the CLI would, with the run directory at `run_dir`."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return compose(config_name, overrides=[*overrides, f"paths.output_dir={run_dir}", f"paths.root_dir={ROOT}"])
+
+
+def in_sweep() -> bool:
+    """Whether this process runs a job of a Hydra multirun."""
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
 def entry_point(fn):
-    """Turn bad-input errors raised inside an entry point into one clear line on stderr and exit code 2."""
+    """Turn bad-input errors raised inside an entry point into one clear line on stderr and exit code 2.
+
+    In a multirun the error propagates instead, so that Hydra records the job as failed and runs the others.
+    """
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
         except (InputError, FileNotFoundError, FileExistsError) as err:
+            if in_sweep():
+                raise
             print(f"facelab: error: {err}", file=sys.stderr)
             sys.exit(2)
 
     return wrapper
 
 
-def resolve_checkpoint(path: str | None) -> str | None:
-    """A resume checkpoint path, checked to exist."""
+def resolve_checkpoint(path: str | None, last: Path | None = None) -> str | None:
+    """A resume checkpoint path, checked to exist; `auto` is `last` if it exists (a requeued run resumes), else none."""
     if path in (None, "", "null"):
         return None
+    if path == "auto":
+        return str(last) if last is not None and last.is_file() else None
     if not Path(path).is_file():
         raise InputError(f"ckpt_path={path}: no such checkpoint file")
     return str(path)

@@ -7,6 +7,8 @@ import pytest
 import torch
 from diffusers import DDPMScheduler, UNet2DModel
 
+from facelab.utils import compose_config
+
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
 os.environ.setdefault("WANDB_MODE", "disabled")
@@ -45,11 +47,4 @@ def run_cli(module: str, *overrides: str, cwd: Path | None = None) -> subprocess
                           cwd=cwd or ROOT, env=env, timeout=600)
 
 
-def compose(config_name: str, overrides: list[str], out: Path):
-    """Compose a primary config as the CLI would, with the run directory at `out`."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return hydra_compose(config_name, overrides=[*overrides, f"paths.output_dir={out}",
-                                                     f"paths.root_dir={ROOT}"])
+compose = compose_config  # compose(config_name, overrides, run_dir)

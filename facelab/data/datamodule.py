@@ -6,7 +6,8 @@ from collections.abc import Mapping
 import pytorch_lightning as pl
 import torch
 from hydra.utils import instantiate
-from torch.utils.data import DataLoader, Dataset, Subset
+from pytorch_lightning.utilities import rank_zero_info
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 from facelab.io.errors import InputError
 
@@ -25,10 +26,45 @@ def collate_faces(samples: list[dict]) -> dict:
     return batch
 
 
+class ResumableSampler(DistributedSampler):
+    """DistributedSampler (a shuffle seeded by seed and epoch, split over the ranks) whose next pass skips `start`."""
+
+    start = 0
+
+    def __iter__(self):
+        indices = list(super().__iter__())[self.start:]
+        self.start = 0
+        return iter(indices)
+
+
+class ResumableLoader(DataLoader):
+    """A training loader that Lightning checkpoints mid-epoch (it has `state_dict`/`load_state_dict`).
+
+    Its state is the number of batches served in the current epoch; a resumed pass skips them, so together with
+    Lightning's `set_epoch` a resumed run sees exactly the batches an uninterrupted one does.
+    """
+
+    served = 0
+
+    def state_dict(self) -> dict:
+        return {"served": self.served}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.served = state["served"]
+
+    def __iter__(self):
+        self.served %= len(self)  # a full count means the last epoch ended: start the next one
+        self.sampler.start = self.served * self.batch_size
+        for batch in super().__iter__():
+            self.served += 1
+            yield batch
+
+
 class FaceDataModule(pl.LightningDataModule):
     """Train/val loaders; without a `val_dataset`, `val_fraction` of `dataset` is held out by a seeded split.
 
-    `dataset` and `val_dataset` are Datasets or Hydra configs with a ``_target_`` (built in `setup`).
+    `dataset` and `val_dataset` are Datasets or Hydra configs with a ``_target_`` (built in `setup`). `batch_size`
+    is the global batch: each of the trainer's `world_size` processes loads `batch_size / world_size` of it.
     """
 
     def __init__(
@@ -51,8 +87,13 @@ class FaceDataModule(pl.LightningDataModule):
         self.val_set: Dataset | None = None
 
     def setup(self, stage: str | None = None) -> None:
+        world = self._world()[1]
+        if self.batch_size % world:
+            raise InputError(f"data.batch_size={self.batch_size} is the global batch: it must split evenly over the "
+                             f"{world} processes (trainer.devices × trainer.num_nodes)")
         if self.train_set is not None:
             return
+        rank_zero_info(f"data: global batch {self.batch_size} = {world} processes × {self.batch_size // world}")
         dataset = _build(self.dataset_spec)
         if self.val_dataset_spec is not None:
             self.train_set, self.val_set = dataset, _build(self.val_dataset_spec)
@@ -66,22 +107,20 @@ class FaceDataModule(pl.LightningDataModule):
             self.train_set = dataset
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, shuffle=True)
+        rank, world = self._world()
+        sampler = ResumableSampler(self.train_set, num_replicas=world, rank=rank, shuffle=True, seed=self.seed)
+        return ResumableLoader(self.train_set, sampler=sampler, **self._loader_args())
 
     def val_dataloader(self) -> DataLoader | list:
-        return [] if self.val_set is None else self._loader(self.val_set, shuffle=False)
+        return [] if self.val_set is None else DataLoader(self.val_set, **self._loader_args())
 
-    def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            shuffle=shuffle,
-            generator=torch.Generator().manual_seed(self.seed) if shuffle else None,
-            num_workers=self.num_workers,
-            pin_memory=self.pin_memory,
-            persistent_workers=self.num_workers > 0,
-            collate_fn=collate_faces,
-        )
+    def _world(self) -> tuple[int, int]:
+        """(global rank, world size) of this process; (0, 1) outside a trainer."""
+        return (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
+
+    def _loader_args(self) -> dict:
+        return dict(batch_size=self.batch_size // self._world()[1], num_workers=self.num_workers,
+                    pin_memory=self.pin_memory, persistent_workers=self.num_workers > 0, collate_fn=collate_faces)
 
 
 def _build(spec: Dataset | Mapping) -> Dataset:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
@@ -15,11 +16,13 @@ from facelab.models.components.ema import EMA
 class PixelDDPM(pl.LightningModule):
     """ε-loss DDPM on images in [-1, 1]. `unet` and `scheduler` are diffusers config dicts.
 
-    The EMA weights are the ones used for validation, sample grids and export.
+    The EMA weights are the ones used for validation, sample grids and export. The loss's noise and timesteps are
+    drawn from generators seeded by (`seed`, rank, step, batch): never from the global RNG, so a run resumed from a
+    checkpoint continues exactly as an uninterrupted one, and validation draws the same noise at every check.
     """
 
     def __init__(self, unet: dict, scheduler: dict, lr: float = 2e-4, weight_decay: float = 0.0,
-                 warmup_steps: int = 200, ema_decay: float = 0.999, image_key: str = "image"):
+                 warmup_steps: int = 200, ema_decay: float = 0.999, image_key: str = "image", seed: int = 0):
         super().__init__()
         self.save_hyperparameters()
         self.unet = UNet2DModel(**unet)
@@ -29,16 +32,22 @@ class PixelDDPM(pl.LightningModule):
     def denoiser(self, ema: bool = True) -> Denoiser:
         return Denoiser(self.ema.module if ema else self.unet, self.schedule)
 
-    def loss(self, unet: torch.nn.Module, x0: torch.Tensor) -> torch.Tensor:
-        t = torch.randint(0, self.schedule.num_train_timesteps, (x0.shape[0],), device=x0.device)
-        noise = torch.randn_like(x0)
+    def loss(self, unet: torch.nn.Module, x0: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        t = torch.randint(0, self.schedule.num_train_timesteps, (x0.shape[0],), device=x0.device, generator=generator)
+        noise = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
         x_t = self.schedule.q_sample(x0, t, noise)
         return F.mse_loss(unet(x_t, t).sample, noise)
 
+    def generator(self, *key: int) -> torch.Generator:
+        """A generator on the module's device seeded by (seed, rank, *key)."""
+        seed = np.random.SeedSequence([self.hparams.seed, self.global_rank, *key]).generate_state(1, np.uint64)[0]
+        return torch.Generator(self.device).manual_seed(int(seed))
+
     def training_step(self, batch, batch_idx):
         x0 = batch[self.hparams.image_key]
-        loss = self.loss(self.unet, x0)
-        self.log("train/loss", loss, prog_bar=True, batch_size=len(x0))
+        loss = self.loss(self.unet, x0, self.generator(0, self.global_step, batch_idx))
+        # synced: the mean over the global batch, so curves compare across device counts
+        self.log("train/loss", loss, prog_bar=True, sync_dist=True, batch_size=len(x0))
         return loss
 
     def optimizer_step(self, *args, **kwargs):
@@ -47,7 +56,8 @@ class PixelDDPM(pl.LightningModule):
 
     def validation_step(self, batch, batch_idx):
         x0 = batch[self.hparams.image_key]
-        self.log("val/loss", self.loss(self.ema.module, x0), prog_bar=True, sync_dist=True, batch_size=len(x0))
+        loss = self.loss(self.ema.module, x0, self.generator(1, batch_idx))
+        self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=len(x0))
 
     def configure_optimizers(self):
         opt = torch.optim.AdamW(self.unet.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
