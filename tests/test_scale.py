@@ -62,10 +62,10 @@ def test_resume_gives_the_uninterrupted_weights(tmp_path):
     assert train(tmp_path / "requeued", 3)["global_step"] == 2
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        resumed = train(tmp_path / "requeued", 7)
+        resumed = train(tmp_path / "requeued", 8)
     assert not [w for w in caught if "not resumable" in str(w.message)]
-    uninterrupted = train(tmp_path / "uninterrupted", 7)
-    assert resumed["global_step"] == uninterrupted["global_step"] == 7
+    uninterrupted = train(tmp_path / "uninterrupted", 8)
+    assert resumed["global_step"] == uninterrupted["global_step"] == 8
     for key, value in uninterrupted["state_dict"].items():
         assert torch.equal(resumed["state_dict"][key], value), key
 

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 
 ROOT = Path(__file__).resolve().parents[2]
 ZOO = {"ddpm64": "zoo_ddpm64"}  # zoo name -> training experiment
@@ -40,11 +41,13 @@ def train(name: str, overrides: list[str]) -> None:
     target = ROOT / "facelab" / "zoo" / name
     shutil.rmtree(target, ignore_errors=True)
     shutil.copytree(run_dir / "diffusers", target)
+    weights = target / "unet" / "diffusion_pytorch_model.safetensors"  # stored in float16: half the size in git,
+    save_file({k: v.half() for k, v in load_file(weights).items()}, weights, metadata={"format": "pt"})  # loads as fp32
     ckpt = torch.load(last, map_location="cpu", weights_only=True)
     params = sum(v.numel() for k, v in ckpt["state_dict"].items() if k.startswith("unet."))
     recipe = {
         "experiment": ZOO[name], "overrides": overrides, "global_steps": ckpt["global_step"],
-        "parameters": params, "train_wall_seconds": round(spent), "device": torch.cuda.get_device_name()
+        "parameters": params, "weights_mb": round(weights.stat().st_size / 1e6, 1), "train_wall_seconds": round(spent), "device": torch.cuda.get_device_name()
         if torch.cuda.is_available() else f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)",
         "metrics": json.loads((run_dir / "metrics.json").read_text()),
     }
