@@ -65,18 +65,20 @@ def _launcher_rank() -> int:
 def write_summary(sweep_dir: Path) -> None:
     """Tabulate the job records of `sweep_dir` with their metrics.json into summary.csv and summary.md.
 
-    Columns: job, status, one per override key, one per metric, error. The markdown table leaves out the overrides
-    every job shares and lists them above it instead.
+    Columns: job, status, one per override key, one per metric (metrics/<name> where an override has its name),
+    error. The markdown table leaves out the overrides every job shares and lists them above it instead.
     """
     with open(sweep_dir / RECORDS / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # parallel jobs each rewrite the tables
         records = sorted((json.loads(p.read_text()) for p in (sweep_dir / RECORDS).glob("*.json")),
                          key=lambda r: r["job"])
         overrides = [dict(o.partition("=")[::2] for o in r["overrides"]) for r in records]
-        metrics = [_metrics(sweep_dir / r["dir"] / "metrics.json") for r in records]
+        override_keys = _keys(overrides)
+        metrics = [{f"metrics/{k}" if k in override_keys else k: v
+                    for k, v in _metrics(sweep_dir / r["dir"] / "metrics.json").items()} for r in records]
+        metric_keys = _keys(metrics)
         rows = [{"job": r["job"], "status": r["status"], **o, **m, "error": r["error"]}
                 for r, o, m in zip(records, overrides, metrics)]
-        override_keys, metric_keys = _keys(overrides), _keys(metrics)
         shared = {k: overrides[0][k] for k in override_keys
                   if all(k in o for o in overrides) and len({o[k] for o in overrides}) == 1}
         _write_atomic(sweep_dir / "summary.csv", _csv(rows, ["job", "status", *override_keys, *metric_keys, "error"]))

@@ -44,7 +44,7 @@ def test_ddp_on_two_cpu_processes(tmp_path):
     res = run_cli("train", "+experiment=ddpm_synthetic", *TINY_TRAIN, "trainer=ddp", "trainer.devices=2",
                   "trainer.max_steps=2", "run_name=ddp", cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
-    assert "global batch 4 = 2 processes × 2" in res.stdout + res.stderr
+    assert "global batch 4 = 2 × 2 per process" in res.stdout + res.stderr
     run = tmp_path / "outputs" / "ddpm_synthetic" / "runs" / "ddp"
     ckpt = load_checkpoint(run / "checkpoints" / "last.ckpt")
     assert ckpt["global_step"] == 2
@@ -76,8 +76,9 @@ def test_failing_job_keeps_the_others_results(tiny_model_dir, tmp_path):
     assert res.returncode != 0  # the multirun reports the failure
     sweep = tmp_path / "outputs" / "sample" / "multiruns" / "sweep"
     ok, failed = summary_rows(sweep)
-    assert ok["status"] == "completed" and ok["num_samples"] == "1" and ok["model.pretrained"] == str(tiny_model_dir)
-    assert failed["status"] == "failed" and "missing" in failed["error"] and failed["num_samples"] == ""
+    assert ok["model.pretrained"] == str(tiny_model_dir) and ok["status"] == "completed"
+    assert ok["metrics/num_samples"] == "1" and float(ok["seconds"]) > 0  # metrics.json next to the overrides
+    assert failed["status"] == "failed" and "missing" in failed["error"] and failed["seconds"] == ""
     assert "| job | status | model.pretrained |" in (sweep / "summary.md").read_text()
 
 
@@ -87,7 +88,8 @@ def test_submitit_local_sweep(tiny_model_dir, tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     sweep = tmp_path / "outputs" / "sample" / "multiruns" / "sweep"
     rows = summary_rows(sweep)
-    assert [(r["seed"], r["status"], r["num_samples"]) for r in rows] == [("0", "completed", "1"), ("1", "completed", "1")]
+    assert [(r["seed"], r["status"], r["metrics/num_samples"]) for r in rows] == [("0", "completed", "1"),
+                                                                                  ("1", "completed", "1")]
     assert (sweep / "1" / "grid.png").is_file() and list((sweep / ".submitit").iterdir())
 
 

@@ -93,7 +93,7 @@ class FaceDataModule(pl.LightningDataModule):
                              f"{world} processes (trainer.devices × trainer.num_nodes)")
         if self.train_set is not None:
             return
-        rank_zero_info(f"data: global batch {self.batch_size} = {world} processes × {self.batch_size // world}")
+        rank_zero_info(f"data: global batch {self.batch_size} = {world} × {self.batch_size // world} per process")
         dataset = _build(self.dataset_spec)
         if self.val_dataset_spec is not None:
             self.train_set, self.val_set = dataset, _build(self.val_dataset_spec)
