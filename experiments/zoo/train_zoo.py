@@ -7,6 +7,7 @@ training can be done in several sittings. Wall time is accumulated into the inst
 """
 from __future__ import annotations
 
+import csv
 import json
 import platform
 import shutil
@@ -23,6 +24,16 @@ ZOO = {"ddpm64": "zoo_ddpm64"}  # zoo name -> training experiment
 # What else each zoo model ships, computed from the installed model: (module, overrides).
 EXTRAS = {"ddpm64": [("facelab.fuzzy_stats", ["model.pretrained=ddpm64", "N=256", "batch_size=32", "overwrite=true",
                                                "out=facelab/zoo/ddpm64/fuzzy_stats.safetensors"])]}
+
+
+def last_logged(csv_paths: list[Path], keys: tuple[str, ...]) -> dict:
+    """The last logged value of each key over a run's CSV logs, one per sitting, in order."""
+    last = {}
+    for path in csv_paths:
+        with path.open() as f:
+            for row in csv.DictReader(f):
+                last.update({k: float(row[k]) for k in keys if row.get(k)})
+    return last
 
 
 def train(name: str, overrides: list[str]) -> None:
@@ -49,7 +60,7 @@ def train(name: str, overrides: list[str]) -> None:
         "experiment": ZOO[name], "overrides": overrides, "global_steps": ckpt["global_step"],
         "parameters": params, "weights_mb": round(weights.stat().st_size / 1e6, 1), "train_wall_seconds": round(spent), "device": torch.cuda.get_device_name()
         if torch.cuda.is_available() else f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)",
-        "metrics": json.loads((run_dir / "metrics.json").read_text()),
+        "final_metrics": last_logged(sorted((run_dir / "csv").glob("*/metrics.csv")), ("train/loss", "val/loss")),
     }
     (target / "recipe.json").write_text(json.dumps(recipe, indent=2))
     print(json.dumps(recipe, indent=2))
