@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 ROOT = Path(__file__).resolve().parents[2]
 ZOO = {"ddpm64": "zoo_ddpm64"}  # zoo name -> training experiment
 # What else each zoo model ships, computed from the installed model: (module, overrides).
-EXTRAS = {"ddpm64": [("facelab.fuzzy_stats", ["model.pretrained=ddpm64", "N=256", "batch_size=32", "overwrite=true",
+EXTRAS = {"ddpm64": [("facelab.fuzzy_stats", ["model.pretrained=ddpm64", "N=64", "batch_size=32", "overwrite=true",
                                                "out=facelab/zoo/ddpm64/fuzzy_stats.safetensors"])]}
 
 
