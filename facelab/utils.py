@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import functools
-import logging
 import sys
 from pathlib import Path
 
@@ -11,7 +10,6 @@ from hydra.types import RunMode
 
 from facelab.io.errors import InputError
 
-log = logging.getLogger("facelab")
 ROOT = Path(__file__).resolve().parents[1]
 
 
