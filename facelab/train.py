@@ -58,7 +58,7 @@ def run_train(cfg: DictConfig) -> dict[str, float]:
             logger.experiment.finish()
     if trainer.is_global_zero:
         if cfg.export and hasattr(model, "export"):
-            model.export(out / "diffusers")
+            model.export(out / model.export_name)
         metrics_file.write_text(json.dumps(metrics, indent=2))
     return metrics
 

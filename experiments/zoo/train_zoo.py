@@ -20,7 +20,12 @@ import torch
 from safetensors.torch import load_file, save_file
 
 ROOT = Path(__file__).resolve().parents[2]
-ZOO = {"ddpm64": "zoo_ddpm64"}  # zoo name -> training experiment
+ZOO = {  # zoo name -> training experiment
+    "ddpm64": "zoo_ddpm64",
+    "attr64": "attr_clf",
+    "attr64_eval": "attr_clf_eval",
+    "ddpm64_biased": "zoo_ddpm64_biased",
+}
 # What else each zoo model ships, computed from the installed model: (module, overrides).
 EXTRAS = {"ddpm64": [("facelab.fuzzy_stats", ["model.pretrained=ddpm64", "N=64", "batch_size=32", "overwrite=true",
                                                "out=facelab/zoo/ddpm64/fuzzy_stats.safetensors"])]}
@@ -51,16 +56,20 @@ def train(name: str, overrides: list[str]) -> None:
 
     target = ROOT / "facelab" / "zoo" / name
     shutil.rmtree(target, ignore_errors=True)
-    shutil.copytree(run_dir / "diffusers", target)
-    weights = target / "unet" / "diffusion_pytorch_model.safetensors"  # stored in float16: half the size in git,
-    save_file({k: v.half() for k, v in load_file(weights).items()}, weights, metadata={"format": "pt"})  # loads as fp32
+    exported = next(run_dir / d for d in ("diffusers", "classifier") if (run_dir / d).is_dir())
+    shutil.copytree(exported, target)
+    weights = next(p for p in (target / "unet" / "diffusion_pytorch_model.safetensors", target / "model.safetensors")
+                   if p.is_file())  # stored in float16: half the size in git, loads as fp32
+    save_file({k: v.half() if v.is_floating_point() else v for k, v in load_file(weights).items()}, weights,
+              metadata={"format": "pt"})
     ckpt = torch.load(last, map_location="cpu", weights_only=True)
-    params = sum(v.numel() for k, v in ckpt["state_dict"].items() if k.startswith("unet."))
+    params = sum(v.numel() for k, v in ckpt["state_dict"].items() if k.startswith(("unet.", "net.")))
     recipe = {
         "experiment": ZOO[name], "overrides": overrides, "global_steps": ckpt["global_step"],
         "parameters": params, "weights_mb": round(weights.stat().st_size / 1e6, 1), "train_wall_seconds": round(spent), "device": torch.cuda.get_device_name()
         if torch.cuda.is_available() else f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)",
-        "final_metrics": last_logged(sorted((run_dir / "csv").glob("*/metrics.csv")), ("train/loss", "val/loss")),
+        "final_metrics": last_logged(sorted((run_dir / "csv").glob("*/metrics.csv")),
+                                     ("train/loss", "val/loss", "val/acc")),
     }
     (target / "recipe.json").write_text(json.dumps(recipe, indent=2))
     print(json.dumps(recipe, indent=2))

@@ -106,6 +106,14 @@ class FaceDataModule(pl.LightningDataModule):
         else:
             self.train_set = dataset
 
+    @property
+    def attribute_names(self) -> list[str]:
+        """The names of the columns of the batches' `attributes` (empty for datasets without attributes)."""
+        dataset = self.train_set
+        while isinstance(dataset, Subset):
+            dataset = dataset.dataset
+        return list(getattr(dataset, "attribute_names", []))
+
     def train_dataloader(self) -> DataLoader:
         rank, world = self._world()
         sampler = ResumableSampler(self.train_set, num_replicas=world, rank=rank, shuffle=True, seed=self.seed)

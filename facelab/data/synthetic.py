@@ -362,6 +362,7 @@ class SyntheticFaces(torch.utils.data.Dataset):
             "image": torch.from_numpy(rgb).permute(2, 0, 1).float() / 127.5 - 1,
             "mask": torch.from_numpy(label),
             "attributes": torch.tensor([face.attributes[a] for a in ATTRIBUTES], dtype=torch.float32),
+            "skin_tone": face.skin_tone,
             "caption": caption(face),
             "index": index,
             "name": f"{self.start + index:06d}",

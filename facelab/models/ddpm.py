@@ -11,6 +11,7 @@ from diffusers import DDPMScheduler, UNet2DModel
 
 from facelab.diffusion import Denoiser, Schedule, sample
 from facelab.models.components.ema import EMA
+from facelab.models.pretrained import load_denoiser
 
 
 class PixelDDPM(pl.LightningModule):
@@ -21,11 +22,16 @@ class PixelDDPM(pl.LightningModule):
     checkpoint continues exactly as an uninterrupted one, and validation draws the same noise at every check.
     """
 
+    export_name = "diffusers"
+
     def __init__(self, unet: dict, scheduler: dict, lr: float = 2e-4, weight_decay: float = 0.0,
-                 warmup_steps: int = 200, ema_decay: float = 0.999, image_key: str = "image", seed: int = 0):
+                 warmup_steps: int = 200, ema_decay: float = 0.999, image_key: str = "image", seed: int = 0,
+                 init_from: str | None = None):
         super().__init__()
         self.save_hyperparameters()
         self.unet = UNet2DModel(**unet)
+        if init_from:  # fine-tune: start from a trained model's weights (zoo name, diffusers folder or .ckpt)
+            self.unet.load_state_dict(load_denoiser(init_from).unet.state_dict())
         self.schedule = Schedule.from_config(scheduler)
         self.ema = EMA(self.unet, ema_decay)
 

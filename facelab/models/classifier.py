@@ -1,0 +1,180 @@
+"""Attribute classifier: one head per face attribute on a small ConvNet, optionally noise-aware (reads x_t and t).
+
+Binary attributes (CelebA names) get one logit each (BCE); categorical groups such as the 3-way `skin_tone` get
+K logits (cross-entropy). `predict` returns every head as class probabilities [B, K] (K = 2 for binary heads,
+column 1 = attribute present), the common currency of the methods that use classifiers (guidance, evaluation).
+
+Exported as a plain folder: `config.json` (architecture, heads, the data it was trained on) + `model.safetensors`.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from facelab.diffusion import Schedule
+from facelab.io.errors import InputError
+from facelab.models.components.convnet import ConvEncoder
+
+
+class AttributeNet(nn.Module):
+    """ConvEncoder + one linear layer producing every head's logits; `forward` returns {head: logits}."""
+
+    def __init__(self, attributes: list[str], categorical: dict[str, int] | None = None,
+                 channels: tuple[int, ...] = (32, 64, 128, 128), noise_aware: bool = False, image_size: int = 64):
+        super().__init__()
+        self.attributes, self.categorical = list(attributes), dict(categorical or {})
+        clash = set(self.attributes) & set(self.categorical)
+        if clash:
+            raise ValueError(f"heads {sorted(clash)} are both binary and categorical")
+        self.noise_aware, self.image_size = noise_aware, image_size
+        self.encoder = ConvEncoder(3, tuple(channels), time_conditioned=noise_aware)
+        self.head = nn.Linear(self.encoder.out_dim, len(self.attributes) + sum(self.categorical.values()))
+        self.config = dict(attributes=self.attributes, categorical=self.categorical, channels=list(channels),
+                           noise_aware=noise_aware, image_size=image_size)
+
+    @property
+    def heads(self) -> dict[str, int]:
+        """Head name -> number of classes (2 for binary attributes)."""
+        return {**{a: 2 for a in self.attributes}, **self.categorical}
+
+    def features(self, x: Tensor, t: Tensor | int | None = None) -> Tensor:
+        """The pooled encoder features [B, D] (e.g. for Fréchet distances)."""
+        if x.shape[-1] != self.image_size or x.shape[-2] != self.image_size:
+            raise InputError(f"images of {tuple(x.shape[-2:])} px; this classifier reads {self.image_size} px")
+        return self.encoder(x, t if self.noise_aware else None)
+
+    def forward(self, x: Tensor, t: Tensor | int | None = None) -> dict[str, Tensor]:
+        logits = self.head(self.features(x, t))
+        out = dict(zip(self.attributes, logits[:, :len(self.attributes)].unbind(1)))
+        start = len(self.attributes)
+        for name, k in self.categorical.items():
+            out[name], start = logits[:, start:start + k], start + k
+        return out
+
+    def predict(self, x: Tensor, t: Tensor | int | None = None, temperature: float = 1.0) -> dict[str, Tensor]:
+        """Class probabilities [B, K] per head (binary heads: [P(absent), P(present)])."""
+        probs = {}
+        for name, logit in self(x, t).items():
+            logit = logit / temperature
+            probs[name] = torch.stack([-logit, logit], 1).div(2).softmax(1) if logit.dim() == 1 else logit.softmax(1)
+        return probs
+
+
+class AttributeClassifier(pl.LightningModule):
+    """Trains an AttributeNet on batches with `image`, `attributes` (columns named by the data's attribute_names)
+    and one integer column per categorical head (e.g. `skin_tone`).
+
+    noise_aware: images are noised to a uniform random t with `scheduler` (a diffusers scheduler config) and the
+    net reads (x_t, t), so its gradients are meaningful along a sampling trajectory.
+    """
+
+    export_name = "classifier"
+
+    def __init__(self, attributes: list[str], categorical: dict[str, int] | None = None,
+                 channels: tuple[int, ...] = (32, 64, 128, 128), image_size: int = 64, noise_aware: bool = False,
+                 scheduler: dict | None = None, lr: float = 1e-3, weight_decay: float = 1e-4, seed: int = 0,
+                 data_identity: dict | None = None):
+        super().__init__()
+        self.save_hyperparameters()
+        if noise_aware and scheduler is None:
+            raise InputError("a noise-aware classifier needs model.scheduler (the diffusion schedule it reads)")
+        self.net = AttributeNet(attributes, categorical, tuple(channels), noise_aware, image_size)
+        self.schedule = Schedule.from_config(scheduler) if noise_aware else None
+        self.columns: list[int] | None = None
+
+    def setup(self, stage: str) -> None:
+        names = list(getattr(self.trainer.datamodule, "attribute_names", []))
+        missing = [a for a in self.net.attributes if a not in names]
+        if missing:
+            raise InputError(f"model.attributes {missing} are not in the data's attributes ({names or 'none'})")
+        self.columns = [names.index(a) for a in self.net.attributes]
+
+    def _step(self, batch: dict, generator: torch.Generator | None) -> tuple[Tensor, dict[str, Tensor]]:
+        x, t = batch["image"], None
+        if self.schedule is not None:
+            t = torch.randint(0, self.schedule.num_train_timesteps, (len(x),), device=x.device, generator=generator)
+            noise = torch.randn(x.shape, device=x.device, generator=generator)
+            x = self.schedule.q_sample(x, t, noise)
+        logits = self.net(x, t)
+        binary = batch["attributes"][:, self.columns].float()
+        losses, correct = [], {}
+        for j, name in enumerate(self.net.attributes):
+            losses.append(F.binary_cross_entropy_with_logits(logits[name], binary[:, j]))
+            correct[name] = ((logits[name] > 0).float() == binary[:, j]).float()
+        for name in self.net.categorical:
+            labels = torch.as_tensor(batch[name], device=x.device).long()
+            losses.append(F.cross_entropy(logits[name], labels))
+            correct[name] = (logits[name].argmax(1) == labels).float()
+        return torch.stack(losses).mean(), correct
+
+    def _generator(self, *key: int) -> torch.Generator:
+        seed = np.random.SeedSequence([self.hparams.seed, self.global_rank, *key]).generate_state(1, np.uint64)[0]
+        return torch.Generator(self.device).manual_seed(int(seed))
+
+    def training_step(self, batch, batch_idx):
+        loss, correct = self._step(batch, self._generator(0, self.global_step))
+        self.log("train/loss", loss, prog_bar=True, sync_dist=True, batch_size=len(batch["image"]))
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        loss, correct = self._step(batch, self._generator(1, batch_idx))
+        n = len(batch["image"])
+        self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=n)
+        accs = {name: c.mean() for name, c in correct.items()}
+        self.log("val/acc", torch.stack(list(accs.values())).mean(), prog_bar=True, sync_dist=True, batch_size=n)
+        self.log_dict({f"val/acc/{k}": v for k, v in accs.items()}, sync_dist=True, batch_size=n)
+
+    def configure_optimizers(self):
+        opt = torch.optim.AdamW(self.net.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        steps = self.trainer.max_steps if self.trainer and self.trainer.max_steps > 0 else 10000
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, self.hparams.lr, total_steps=steps, pct_start=0.1)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def export(self, folder: str | Path) -> Path:
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        config = {"_class_name": "AttributeNet", **self.net.config, "scheduler": self.hparams.scheduler,
+                  "data_identity": self.hparams.data_identity}
+        (folder / "config.json").write_text(json.dumps(config, indent=2))
+        save_file({k: v.contiguous() for k, v in self.net.state_dict().items()}, folder / "model.safetensors")
+        return folder
+
+
+def load_classifier(source: str | Path, device: str | torch.device = "cpu") -> AttributeNet:
+    """An AttributeNet in eval mode from a zoo name, an exported folder or a Lightning .ckpt (never unpickled)."""
+    from facelab.io.checkpoints import load_checkpoint
+    from facelab.models.pretrained import ZOO_DIR
+
+    path = Path(str(source)).expanduser()
+    if not path.exists() and (ZOO_DIR / str(source) / "config.json").is_file():
+        path = ZOO_DIR / str(source)
+    if path.suffix == ".ckpt":
+        ckpt = load_checkpoint(path)
+        hp = ckpt.get("hyper_parameters", {})
+        if "attributes" not in hp:
+            raise InputError(f"{path}: not an attribute-classifier checkpoint")
+        net = AttributeNet(hp["attributes"], hp.get("categorical"), tuple(hp["channels"]), hp["noise_aware"],
+                           hp["image_size"])
+        state = {k[4:]: v for k, v in ckpt["state_dict"].items() if k.startswith("net.")}
+        meta = {"scheduler": hp.get("scheduler"), "data_identity": hp.get("data_identity")}
+    elif (path / "config.json").is_file():
+        config = json.loads((path / "config.json").read_text())
+        if config.get("_class_name") != "AttributeNet":
+            raise InputError(f"{path}: not an attribute classifier (config _class_name={config.get('_class_name')})")
+        net = AttributeNet(config["attributes"], config.get("categorical"), tuple(config["channels"]),
+                           config["noise_aware"], config["image_size"])
+        state = load_file(path / "model.safetensors")
+        meta = {"scheduler": config.get("scheduler"), "data_identity": config.get("data_identity")}
+    else:
+        raise InputError(f"classifier {source}: not a zoo classifier, an exported folder (config.json + "
+                         "model.safetensors) or a .ckpt")
+    net.load_state_dict({k: v.float() for k, v in state.items()})
+    net.source, net.meta = str(source), meta
+    return net.to(device).eval().requires_grad_(False)
