@@ -78,3 +78,16 @@ def _from_lightning(path: Path):
     unet = UNet2DModel(**hparams["unet"])
     unet.load_state_dict(state)
     return unet, Schedule.from_config(hparams["scheduler"])
+
+
+def fingerprint(module: torch.nn.Module) -> str:
+    """A short hash of a model's architecture and weights: files derived from a model (directions, statistics,
+    h-classifiers) record it, so they are not silently used with another model."""
+    import hashlib
+    import json
+
+    digest = hashlib.sha1(json.dumps(dict(getattr(module, "config", {})), sort_keys=True, default=str).encode())
+    for name, tensor in sorted(module.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().to("cpu", torch.float16).numpy().tobytes())
+    return digest.hexdigest()[:16]

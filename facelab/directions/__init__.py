@@ -1,0 +1,1 @@
+"""Interpretable h-space directions: PCA, Jacobian singular vectors, supervised and conditional directions."""

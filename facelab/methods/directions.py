@@ -1,0 +1,313 @@
+"""`method=directions`: discover semantic directions in h-space and apply them to sampled or real faces.
+
+  discover=pca          per-step PCA of h over `num_samples` samples (method.pca=joint: one PCA over all steps)
+  discover=jacobian     top singular vectors of the (region-masked) ε Jacobian w.r.t. h along one face's own trajectory
+  discover=supervised   mean h of the top minus the bottom `num_examples` of an indexed set scored by a classifier
+  discover=conditional  the supervised direction with the `condition` directions projected out exactly
+  apply=FILE            decode with Δh_t = scale·direction_t added at every step, same x_T and per-step noise
+A discovery writes `directions.safetensors` and previews its directions; both write a grid per face (rows =
+directions, columns = scales), every image as edits/{face}_{direction}_{scale}.png, and the held-out evaluation
+classifier's attribute probabilities per direction and scale in metrics.json.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from facelab.data.synthetic import SEG, SyntheticFaces
+from facelab.diffusion import Denoiser, ddim_invert, edit_friendly_invert
+from facelab.directions import discover as maths
+from facelab.directions.files import Directions
+from facelab.directions.trajectory import run_trajectory, seed_noise
+from facelab.guidance.hedit import HEdit
+from facelab.io.errors import InputError
+from facelab.io.grids import save_grid
+from facelab.io.images import read_image, read_mask, save_image
+from facelab.methods.common import device_of
+from facelab.models.classifier import AttributeNet, load_classifier
+from facelab.models.pretrained import fingerprint, load_denoiser
+
+DISCOVER = ("pca", "jacobian", "supervised", "conditional")
+REGIONS = {  # composite face regions in CelebAMask-HQ classes
+    "eye": ["l_eye", "r_eye"], "brow": ["l_brow", "r_brow"], "ear": ["l_ear", "r_ear"],
+    "mouth": ["mouth", "u_lip", "l_lip"], "nose": ["nose"], "hair": ["hair"], "skin": ["skin"], "neck": ["neck"],
+    "eyeglasses": ["eye_g"],
+}
+NATURAL_SCALES = {"pca": [-5, -2.5, 0, 2.5, 5], "jacobian": [-75, -37.5, 0, 37.5, 75],
+                  "supervised": [-1, -0.5, 0, 0.5, 1], "conditional": [-1, -0.5, 0, 0.5, 1]}
+
+
+def run(cfg: DictConfig, out: Path, gallery) -> dict:
+    opts = cfg.method
+    if cfg.discover not in (None, *DISCOVER):
+        raise InputError(f"discover={cfg.discover}: use one of {', '.join(DISCOVER)}")
+    if not cfg.discover and not cfg.apply:
+        raise InputError("method=directions needs discover=pca|jacobian|supervised|conditional or apply=FILE")
+    scales = check_scales(cfg.scales)
+    device = device_of(cfg)
+    denoiser = load_denoiser(cfg.model.pretrained, device)
+    if opts.clip is None:
+        opts.clip = denoiser.schedule.clip_sample
+    grid = denoiser.schedule.timesteps(opts.steps).tolist()
+    model = {"model": str(cfg.model.pretrained), "fingerprint": fingerprint(denoiser.unet), "h_space": opts.h_space}
+    sources = load_sources(cfg, denoiser, grid)  # checked before any long computation
+    metrics: dict = {}
+    start = time.perf_counter()
+    if cfg.discover:
+        directions = DISCOVERERS[cfg.discover](cfg, denoiser, grid, sources, metrics)
+        directions.meta.update(model, timesteps=grid, eta=opts.eta, method=cfg.discover, seed=cfg.seed)
+        path = directions.save(out / "directions.safetensors")
+        metrics["discover_seconds"] = time.perf_counter() - start
+        metrics["directions_file"] = str(path)
+        indices = list(range(min(cfg.num_directions, len(directions))))
+    else:
+        directions = Directions.load(cfg.apply)
+        directions.check(model["fingerprint"], opts.h_space, grid, cfg.apply)
+        indices = [int(i) for i in cfg.index] if isinstance(cfg.index, (list, ListConfig)) else [int(cfg.index)]
+    scales = scales or NATURAL_SCALES[directions.meta.get("method", "pca")]
+    start = time.perf_counter()
+    metrics |= apply_directions(cfg, denoiser, grid, directions, indices, scales, sources, out, gallery)
+    metrics.update(apply_seconds=time.perf_counter() - start, scales=scales, indices=indices,
+                   method=directions.meta.get("method"), steps=len(grid), eta=opts.eta)
+    return metrics
+
+
+def check_scales(scales) -> list[float] | None:
+    if scales is None:
+        return None
+    values = list(scales) if isinstance(scales, (list, ListConfig, tuple)) else [scales]
+    try:
+        return [float(s) for s in values]
+    except (TypeError, ValueError):
+        raise InputError(f"scales={OmegaConf.to_container(scales) if isinstance(scales, ListConfig) else scales}: "
+                         "give numbers, e.g. scales=[-5,0,5]") from None
+
+
+# ----------------------------------------------------------------------------------------------- inputs
+class Sources:
+    """The faces to edit: names, x_T and per-step noise (seeded, or from inverting images), optional label maps."""
+
+    def __init__(self, names: list[str], x_T: Tensor, noises: Tensor, eta: float, images: Tensor | None = None,
+                 labels: Tensor | None = None):
+        self.names, self.x_T, self.noises, self.eta, self.images, self.labels = names, x_T, noises, eta, images, labels
+
+
+def load_sources(cfg: DictConfig, denoiser: Denoiser, grid: list[int]) -> Sources:
+    opts, unet = cfg.method, denoiser.unet.config
+    shape = (unet.in_channels, unet.sample_size, unet.sample_size)
+    device = denoiser.unet.device
+    if opts.input == "samples":
+        seeds = list(range(cfg.seed, cfg.seed + opts.edit_seeds))
+        x_T, noises = seed_noise(seeds, shape, len(grid), device)
+        return Sources([f"seed{s}" for s in seeds], x_T, noises, opts.eta)
+    if opts.input == "synthetic":
+        faces = SyntheticFaces(unet.sample_size, opts.edit_seeds, opts.faces.seed, start=opts.faces.start + cfg.seed)
+        items = [faces[i] for i in range(len(faces))]
+        images = torch.stack([it["image"] for it in items]).to(device)
+        labels = torch.stack([it["mask"] for it in items])
+        names = [f"face{it['name']}" for it in items]
+    elif opts.input == "images":
+        if not cfg.gt_path or not Path(cfg.gt_path).is_dir():
+            raise InputError(f"method.input=images needs gt_path=DIR with the images to edit (got {cfg.gt_path})")
+        paths = sorted(p for p in Path(cfg.gt_path).iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
+        if not paths:
+            raise InputError(f"gt_path={cfg.gt_path}: no .png/.jpg images")
+        images = []
+        for p in paths:
+            image = read_image(p)
+            if image.shape[1:] != shape[1:]:
+                raise InputError(f"{p}: {image.shape[2]}x{image.shape[1]} px, the model needs "
+                                 f"{shape[2]}x{shape[1]}; resize the images first")
+            images.append(image)
+        images, labels, names = torch.stack(images).to(device), None, [p.stem for p in paths]
+        if cfg.mask_path:
+            labels = torch.stack([read_mask(Path(cfg.mask_path) / f"{p.stem}.png", shape[1:]) for p in paths])
+    else:
+        raise InputError(f"method.input={opts.input}: use samples, synthetic or images")
+    return invert(cfg, denoiser, grid, names, images, labels)
+
+
+def invert(cfg, denoiser: Denoiser, grid: list[int], names, images: Tensor, labels) -> Sources:
+    opts = cfg.method
+    if opts.inversion == "ddim":
+        latents = ddim_invert(denoiser, denoiser.schedule, images, grid, progress=cfg.progress).latents
+        return Sources(names, latents[0], torch.zeros(len(grid), *images.shape, device=images.device), 0.0,
+                       images, labels)
+    if opts.inversion == "edit_friendly":
+        gen = torch.Generator(images.device).manual_seed(int(cfg.seed))
+        x_T, noises = edit_friendly_invert(denoiser, denoiser.schedule, images, grid, eta=opts.eta, generator=gen,
+                                           clip=opts.clip, progress=cfg.progress)
+        return Sources(names, x_T, noises, opts.eta, images, labels)
+    raise InputError(f"method.inversion={opts.inversion}: use ddim or edit_friendly")
+
+
+def region_mask(cfg: DictConfig, sources: Sources) -> Tensor | None:
+    """The binary image-space mask [B, 1, H, W] of `region` (composite names or CelebAMask-HQ classes)."""
+    if not cfg.region:
+        return None
+    names = [cfg.region] if isinstance(cfg.region, str) else list(cfg.region)
+    classes = []
+    for name in names:
+        if name not in REGIONS and name not in SEG:
+            raise InputError(f"region={name}: unknown; use one of {', '.join(REGIONS)} or a mask class "
+                             f"({', '.join(SEG)})")
+        classes += [SEG[c] for c in REGIONS.get(name, [name])]
+    if sources.labels is None:
+        raise InputError("region masks need label maps: use method.input=synthetic (ground truth) or input=images "
+                         "with mask_path=DIR")
+    return torch.isin(sources.labels, torch.tensor(classes)).float()[:, None]
+
+
+# ----------------------------------------------------------------------------------------------- discovery
+def index_samples(cfg: DictConfig, denoiser: Denoiser, grid: list[int], seeds: list[int], eta: float,
+                  classifier: AttributeNet | None = None) -> dict[str, Tensor]:
+    """h [N, T, *h] (float16) along the trajectories of `seeds` and the classifier's P(attribute) of their x0.
+
+    Cached under paths.cache_dir by a key of every input (model weights, h location, grid, η, seeds, classifier)."""
+    opts = cfg.method
+    key = {"model": fingerprint(denoiser.unet), "h": opts.h_space, "grid": grid, "eta": eta, "seeds": [seeds[0], len(seeds)],
+           "clip": bool(opts.clip), "classifier": classifier and fingerprint(classifier)}
+    digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    path = Path(cfg.paths.cache_dir) / "directions" / f"index_{digest}.safetensors"
+    if path.is_file():
+        return load_file(path)
+    unet = denoiser.unet.config
+    shape = (unet.in_channels, unet.sample_size, unet.sample_size)
+    hs, scores = [], {}
+    for first in tqdm(range(0, len(seeds), cfg.batch_size), desc="indexing samples", disable=not cfg.progress):
+        batch = seeds[first:first + cfg.batch_size]
+        x_T, noises = seed_noise(batch, shape, len(grid), denoiser.unet.device)
+        traj = run_trajectory(denoiser, x_T, noises, grid, eta, clip=opts.clip)
+        hs.append(traj.hs.half().cpu())
+        if classifier is not None:
+            for name, p in classifier.predict(traj.x0).items():
+                if p.shape[1] == 2:
+                    scores.setdefault(name, []).append(p[:, 1].cpu())
+    index = {"hs": torch.cat(hs), "seeds": torch.tensor(seeds)}
+    index.update({f"score.{k}": torch.cat(v) for k, v in scores.items()})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(index, path, metadata={"key": json.dumps(key)})
+    return index
+
+
+def discover_pca(cfg, denoiser, grid, sources, metrics) -> Directions:
+    opts = cfg.method
+    seeds = list(range(opts.index_offset, opts.index_offset + cfg.num_samples))
+    hs = index_samples(cfg, denoiser, grid, seeds, opts.eta)["hs"]
+    fn = {"per_t": maths.pca_per_t, "joint": maths.pca_joint}.get(opts.pca)
+    if fn is None:
+        raise InputError(f"method.pca={opts.pca}: use per_t or joint")
+    basis, std, ratio = fn(hs, opts.num_svectors)
+    metrics["explained_variance"] = ratio.tolist()
+    return Directions(basis, std, grid, {"params": {"num_samples": cfg.num_samples, "pca": opts.pca}},
+                      {"explained_variance": ratio})
+
+
+def discover_jacobian(cfg, denoiser, grid, sources, metrics) -> Directions:
+    from facelab.directions.jacobian import trajectory_jacobian
+
+    opts = cfg.method
+    mask = region_mask(cfg, sources)
+    traj = run_trajectory(denoiser, sources.x_T[:1], sources.noises[:, :1], grid, sources.eta, record_x=True,
+                          clip=opts.clip)
+    sigma, v, passes = trajectory_jacobian(denoiser, traj.x_ts[0][:, None], grid, None if mask is None else mask[0],
+                                           k=opts.num_eigvecs, where=opts.h_space, tol=opts.tol,
+                                           max_iters=opts.max_iters, progress=cfg.progress,
+                                           generator=torch.Generator().manual_seed(int(cfg.seed)))
+    metrics.update(network_passes=passes, singular_values=sigma.tolist(), source=sources.names[0])
+    if mask is not None:
+        save_image(sources.images[0] * mask[0] + (1 - mask[0]) * -1, Path(cfg.paths.output_dir) / "masked_source.png")
+    return Directions(v, sigma, grid, {"params": {"region": cfg.region, "source": sources.names[0],
+                                                  "num_eigvecs": opts.num_eigvecs}, "global_at_idx": True})
+
+
+def supervised_index(cfg, denoiser, grid) -> dict[str, Tensor]:
+    opts = cfg.method
+    classifier = load_classifier(opts.classifier, denoiser.unet.device)
+    if classifier.image_size != denoiser.unet.config.sample_size:
+        raise InputError(f"method.classifier={opts.classifier} reads {classifier.image_size} px images, the model "
+                         f"makes {denoiser.unet.config.sample_size} px")
+    seeds = list(range(opts.index_offset, opts.index_offset + opts.idx_size))
+    return index_samples(cfg, denoiser, grid, seeds, opts.index_eta, classifier)
+
+
+def mean_difference(index: dict[str, Tensor], attribute: str, num_examples: int, opts) -> Tensor:
+    key = f"score.{attribute}"
+    if key not in index:
+        known = sorted(k[6:] for k in index if k.startswith("score."))
+        raise InputError(f"attribute={attribute}: the classifier {opts.classifier} has no such head "
+                         f"(known: {', '.join(known)})")
+    return maths.supervised(index["hs"], index[key], num_examples)[0]
+
+
+def discover_supervised(cfg, denoiser, grid, sources, metrics) -> Directions:
+    opts = cfg.method
+    if not cfg.attribute:
+        raise InputError(f"discover={cfg.discover} needs attribute=NAME (e.g. attribute=Smiling)")
+    index = supervised_index(cfg, denoiser, grid)
+    primal = mean_difference(index, cfg.attribute, opts.num_examples, opts)
+    vectors, params = [primal], {"attribute": cfg.attribute, "idx_size": opts.idx_size,
+                                 "num_examples": opts.num_examples, "classifier": opts.classifier}
+    if cfg.discover == "conditional":
+        if not cfg.condition:
+            raise InputError("discover=conditional needs condition=[NAME,...] (e.g. condition=[Male])")
+        conditions = torch.stack([mean_difference(index, c, opts.num_examples, opts) for c in cfg.condition])
+        projected = maths.project_out(primal, conditions)
+        metrics["kept_norm_fraction"] = float(projected.norm() / primal.norm())
+        vectors, params["condition"] = [projected, primal], list(cfg.condition)
+    basis, scale = maths.as_directions(torch.stack(vectors))
+    return Directions(basis, scale, grid, {"params": params})
+
+
+DISCOVERERS = {"pca": discover_pca, "jacobian": discover_jacobian, "supervised": discover_supervised,
+               "conditional": discover_supervised}
+
+
+# ----------------------------------------------------------------------------------------------- apply
+def apply_directions(cfg, denoiser, grid, directions: Directions, indices: list[int], scales: list[float],
+                     sources: Sources, out: Path, gallery) -> dict:
+    """Decode every source at every (direction, scale), batched over scales; write images, grids and scores."""
+    opts = cfg.method
+    global_at_idx = directions.meta.get("global_at_idx", False) if opts.global_at_idx is None else opts.global_at_idx
+    window = None if opts.window is None or opts.window >= len(grid) else int(opts.window)
+    evaluator = load_classifier(opts.eval_classifier, denoiser.unet.device) if opts.eval_classifier else None
+    n_src, n_s = len(sources.names), len(scales)
+    rows: dict[int, list[Tensor]] = {}
+    results: dict = {"edits": {}}
+    for k in tqdm(indices, desc="directions", disable=not cfg.progress):
+        delta = directions.delta(k, opts.t_idx, global_at_idx, window, opts.apply_svals)
+        images = []
+        for b in range(n_src):
+            x_T = sources.x_T[b:b + 1].repeat(n_s, 1, 1, 1)
+            noises = sources.noises[:, b:b + 1].repeat(1, n_s, 1, 1, 1)
+            edit = HEdit(delta, torch.tensor(scales), opts.h_space, asymmetric=opts.asyrp)
+            images.append(run_trajectory(denoiser, x_T, noises, grid, sources.eta, edit, clip=opts.clip).x0.cpu())
+        images = torch.stack(images)  # [sources, scales, C, H, W]
+        rows[k] = images
+        for b, name in enumerate(sources.names):
+            for j, scale in enumerate(scales):
+                save_image(images[b, j], out / "edits" / f"{name}_{k}_{scale:g}.png")
+        if evaluator is not None:
+            probs = evaluator.predict(images.flatten(0, 1).to(denoiser.unet.device))
+            results["edits"][str(k)] = {f"{scale:g}": {a: round(float(p[:, 1].reshape(n_src, n_s)[:, j].mean()), 4)
+                                              for a, p in probs.items() if p.shape[1] == 2}
+                               for j, scale in enumerate(scales)}
+    for b, name in enumerate(sources.names):
+        path = save_grid(torch.cat([rows[k][b] for k in indices]), out / f"grid_{name}.png", nrow=n_s, upscale=2)
+        row = [(f"{name}: rows = directions {indices}, columns = scales {scales}", path)]
+        if sources.images is not None:
+            row.insert(0, ("input", save_image(sources.images[b].cpu(), out / "inputs" / f"{name}.png")))
+        gallery.section(name).append(row)
+    if sources.images is not None and 0.0 in scales:  # scale 0 must reproduce the inverted input
+        decoded = rows[indices[0]][:, scales.index(0.0)]
+        mse = (decoded - sources.images.cpu()).pow(2).flatten(1).mean(1) / 4  # images in [-1, 1]: range 2
+        results["reconstruction_psnr"] = round(float((-10 * torch.log10(mse.clamp_min(1e-12))).mean()), 2)
+    return results
