@@ -194,3 +194,22 @@ def test_cli_wrong_image_size(tmp_path, tiny_model_dir):
     result = run_cli("sample", "method=directions", "discover=pca", "method.input=images", f"gt_path={tmp_path / 'faces'}",
                      f"model.pretrained={tiny_model_dir}", *TINY, f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
     assert result.returncode == 2 and "32x32 px, the model needs 16x16" in result.stderr
+
+
+def test_celebahq_256_architecture_from_a_local_folder(tmp_path):
+    """The real google/ddpm-celebahq-256 architecture (random weights) as a diffusers folder: h is 512×8×8."""
+    import shutil
+
+    from test_hspace import FIXTURE
+    folder = tmp_path / "celebahq"
+    config = json.loads((FIXTURE / "unet" / "config.json").read_text())
+    UNet2DModel.from_config(config).save_pretrained(folder / "unet")
+    shutil.copytree(FIXTURE / "scheduler", folder / "scheduler")
+    run = tmp_path / "run"
+    result = run_cli("sample", "method=directions", "discover=pca", "num_samples=2", "batch_size=2", "method.steps=2",
+                     "method.edit_seeds=1", "num_directions=1", "scales=[0,3]", "method.eval_classifier=null",
+                     "progress=false", f"model.pretrained={folder}", f"hydra.run.dir={run}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    d = Directions.load(run / "directions.safetensors")
+    assert d.basis.shape == (1, 2, 512, 8, 8) and d.timesteps == [500, 0]
+    assert len(list((run / "edits").glob("seed0_0_*.png"))) == 2

@@ -1,0 +1,285 @@
+"""Measure method=directions on the zoo DDPM and synthetic faces; write results.json, results.md and figures here.
+
+    python experiments/directions/evaluate.py [--seeds 100] [--faces 16] [--jacobian-faces 4] [--quick]
+
+1. Supervised directions (Smiling, Eyeglasses, Male, Young; index of 1000 DDIM samples scored by `attr64`):
+   the held-out classifier's (`attr64_eval`) P(attribute) per scale on fresh seeds, and the mean |ΔP| of the other
+   attributes at the largest scales (entanglement).
+2. Conditional projection: directions of attributes that are correlated with Male in the training prior
+   (Wearing_Lipstick, No_Beard) before and after projecting the Male direction out: ΔP(Male) and ΔP(attribute).
+3. Real-image editing against ground truth: held-out synthetic faces, edit-friendly inversion (η = 1), the Smiling
+   direction toward the opposite expression, compared with the renderer's counterfactual of the same identity.
+4. Jacobian locality: share of the pixel-change energy inside the region for region-masked, unmasked and random
+   (equal-norm) directions, against the region's area; and network passes / time of the block solver against the
+   reference sequential power iteration on the same trajectory.
+5. PCA: explained variance per step and, per top PC, the attribute whose held-out probability moves most.
+Every edit is an ordinary facelab run (run_sample) kept under outputs/experiments/directions/.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from facelab.data.synthetic import SEG, SyntheticFaces
+from facelab.directions.files import Directions
+from facelab.directions.jacobian import masked_eps_fn, power_iteration_reference, top_singular
+from facelab.directions.trajectory import run_trajectory
+from facelab.diffusion import edit_friendly_invert
+from facelab.io.grids import save_grid
+from facelab.io.images import read_image
+from facelab.methods.directions import REGIONS
+from facelab.models.pretrained import load_denoiser
+from facelab.sample import run_sample
+from facelab.utils import compose_config
+
+HERE = Path(__file__).resolve().parent
+ATTRIBUTES = ["Smiling", "Eyeglasses", "Male", "Young"]
+SCALES = [-2, -1, -0.5, 0, 0.5, 1, 2]
+FACES = {"seed": 0, "start": 900000}  # the default held-out faces of method=directions
+
+
+def run(name: str, overrides: list[str], root: Path) -> tuple[dict, Path]:
+    out = root / name
+    print(f"[{time.strftime('%H:%M:%S')}] {name}: {' '.join(overrides)}", flush=True)
+    return run_sample(compose_config("sample", ["method=directions", "progress=false", *overrides], out)), out
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(-10 * torch.log10(((a - b) ** 2).mean() / 4))
+
+
+def supervised(args, root: Path) -> dict:
+    """P_eval(attribute) per scale, and the entanglement with the other attributes."""
+    results = {}
+    for attribute in ATTRIBUTES:
+        found, run_dir = run(f"supervised_{attribute}", [f"discover=supervised", f"attribute={attribute}",
+                                                         "num_directions=1", "method.edit_seeds=1"], root)
+        applied, _ = run(f"apply_{attribute}", [f"apply={run_dir / 'directions.safetensors'}", "index=0",
+                                                f"scales=[{','.join(map(str, SCALES))}]", "seed=1000000",
+                                                f"method.edit_seeds={args.seeds}", "batch_size=100"], root)
+        curve = {s: applied["edits"]["0"][f"{s:g}"] for s in SCALES}
+        p = [curve[s][attribute] for s in SCALES]
+        others = [a for a in curve[0] if a != attribute]
+        results[attribute] = {
+            "p_attribute": dict(zip(map(str, SCALES), p)),
+            "monotone": all(b >= a for a, b in zip(p, p[1:])),
+            "crosses_half": min(p) < 0.5 < max(p),
+            "mean_abs_dp_others_at_pm1": sum(abs(curve[1][a] - curve[-1][a]) for a in others) / len(others) / 2,
+            "largest_other": max(others, key=lambda a: abs(curve[1][a] - curve[-1][a])),
+            "curve": curve,
+        }
+        results[attribute]["largest_other_dp"] = curve[1][results[attribute]["largest_other"]] - \
+            curve[-1][results[attribute]["largest_other"]]
+    return results
+
+
+def conditional(args, root: Path) -> dict:
+    results = {}
+    for attribute in ["Wearing_Lipstick", "No_Beard"]:
+        _, run_dir = run(f"conditional_{attribute}", ["discover=conditional", f"attribute={attribute}",
+                                                      "condition=[Male]", "num_directions=1", "method.edit_seeds=1"],
+                         root)
+        applied, _ = run(f"apply_conditional_{attribute}", [f"apply={run_dir / 'directions.safetensors'}",
+                                                            "index=[0,1]", "scales=[-1,1]", "seed=1000000",
+                                                            f"method.edit_seeds={args.seeds}", "batch_size=100"], root)
+        row = {}
+        for k, label in (("1", "primal"), ("0", "Male projected out")):
+            e = applied["edits"][k]
+            row[label] = {"dP_attribute": e["1"][attribute] - e["-1"][attribute], "dP_Male": e["1"]["Male"] - e["-1"]["Male"]}
+        results[attribute] = row
+    return results
+
+
+def counterfactuals(args, root: Path, smiling_file: Path) -> dict:
+    """Edit inverted held-out faces toward the other expression; compare with the ground-truth counterfactual."""
+    faces = SyntheticFaces(64, args.faces, FACES["seed"], start=FACES["start"])
+    scale = 1.0
+    applied, run_dir = run("counterfactual_smiling", [f"apply={smiling_file}", "index=0",
+                                                      f"scales=[{-scale},0,{scale}]", "method.input=synthetic",
+                                                      f"method.edit_seeds={args.faces}"], root)
+    rows = []
+    for i in range(args.faces):
+        item = faces[i]
+        smiling = int(item["attributes"][faces.attribute_names.index("Smiling")])
+        target = faces.counterfactual(i, Smiling=1 - smiling)["image"]
+        name = f"face{item['name']}"
+        edit = read_image(run_dir / "edits" / f"{name}_0_{(-scale if smiling else scale):g}.png")
+        recon = read_image(run_dir / "edits" / f"{name}_0_0.png")
+        rows.append({"original_vs_cf": psnr(item["image"], target), "edit_vs_cf": psnr(edit, target),
+                     "reconstruction": psnr(recon, item["image"])})
+    mean = {k: sum(r[k] for r in rows) / len(rows) for k in rows[0]}
+    return {"faces": args.faces, "scale": scale, **{f"psnr_{k}": round(v, 2) for k, v in mean.items()},
+            "edit_closer_than_original": sum(r["edit_vs_cf"] > r["original_vs_cf"] for r in rows) / len(rows)}
+
+
+def change_inside(run_dir: Path, name: str, index: int, scale: float, region: torch.Tensor) -> float:
+    """Share of the pixel-change energy Σ_M|Δx|²/Σ|Δx|² of the edit at ±scale (both signs pooled)."""
+    base = read_image(run_dir / "edits" / f"{name}_{index}_0.png")
+    inside = total = 0.0
+    for s in (-scale, scale):
+        d = (read_image(run_dir / "edits" / f"{name}_{index}_{s:g}.png") - base).pow(2).sum(0)
+        inside, total = inside + float((d * region).sum()), total + float(d.sum())
+    return inside / max(total, 1e-12)
+
+
+def jacobian(args, root: Path) -> dict:
+    faces = SyntheticFaces(64, args.jacobian_faces, FACES["seed"], start=FACES["start"])
+    scale, results = 1500, {}
+    for region in ["mouth", "eye"]:
+        rows = []
+        for i in range(args.jacobian_faces):
+            item, name = faces[i], f"face{faces[i]['name']}"
+            mask = torch.isin(item["mask"], torch.tensor([SEG[c] for c in REGIONS[region]])).float()
+            common = ["method.input=synthetic", "method.edit_seeds=1", f"seed={i}", f"scales=[{-scale},0,{scale}]",
+                      "num_directions=1", "method.eval_classifier=null"]
+            masked, masked_dir = run(f"jacobian_{region}_{i}", ["discover=jacobian", f"region={region}", *common], root)
+            _, full_dir = run(f"jacobian_full_{region}_{i}", ["discover=jacobian", *common], root)
+            found = Directions.load(masked_dir / "directions.safetensors")
+            gen = torch.Generator().manual_seed(i)
+            rand = torch.randn(found.basis.shape, generator=gen)
+            rand = rand / rand.flatten(2).norm(dim=-1)[..., None, None, None]
+            random = Directions(rand, found.scale, found.timesteps, found.meta)
+            random.save(root / f"random_{region}_{i}.safetensors", overwrite=True)
+            _, rand_dir = run(f"jacobian_random_{region}_{i}", [f"apply={root / f'random_{region}_{i}.safetensors'}",
+                                                                 "index=0", *common], root)
+            rows.append({"area": float(mask.mean()), "masked": change_inside(masked_dir, name, 0, scale, mask),
+                         "unmasked": change_inside(full_dir, name, 0, scale, mask),
+                         "random": change_inside(rand_dir, name, 0, scale, mask),
+                         "passes": masked["network_passes"], "seconds": masked["discover_seconds"]})
+        results[region] = {k: sum(r[k] for r in rows) / len(rows) for k in rows[0]}
+    results["solver"] = solver_cost()
+    return results
+
+
+def solver_cost(steps: int = 10, k: int = 3) -> dict:
+    """Block Krylov solver vs the reference's sequential power iteration on one inverted face's trajectory."""
+    denoiser = load_denoiser("ddpm64")
+    face = SyntheticFaces(64, 1, FACES["seed"], start=FACES["start"])[0]
+    grid = denoiser.schedule.timesteps(steps).tolist()
+    gen = torch.Generator().manual_seed(0)
+    x_T, noises = edit_friendly_invert(denoiser, denoiser.schedule, face["image"][None], grid, eta=1.0,
+                                       generator=gen, clip=True, progress=False)
+    traj = run_trajectory(denoiser, x_T, noises, grid, 1.0, record_x=True, clip=True)
+    mask = torch.isin(face["mask"], torch.tensor([SEG[c] for c in REGIONS["mouth"]])).float()
+    out = {}
+    for label, solver in (("block", top_singular), ("reference", power_iteration_reference)):
+        passes, start, sigmas = 0, time.perf_counter(), []
+        for i, t in enumerate(grid):
+            h, f = masked_eps_fn(denoiser, traj.x_ts[:, i], t, mask)
+            result = solver(f, h[0], k=k, generator=torch.Generator().manual_seed(i))
+            passes, sigmas = passes + result.passes, sigmas + [result.sigma]
+        out[label] = {"passes": passes, "seconds": round(time.perf_counter() - start, 1),
+                      "sigma": torch.stack(sigmas).T.tolist()}
+    ref, blk = torch.tensor(out["reference"]["sigma"]), torch.tensor(out["block"]["sigma"])
+    out["max_rel_sigma_difference"] = float(((ref - blk).abs() / blk).max())
+    out["pass_ratio"] = out["reference"]["passes"] / out["block"]["passes"]
+    out["time_ratio"] = out["reference"]["seconds"] / out["block"]["seconds"]
+    return out
+
+
+def pca(args, root: Path) -> dict:
+    found, run_dir = run("pca", ["discover=pca", f"num_samples={args.pca_samples}", "num_directions=5",
+                                 "scales=[-5,0,5]", "seed=1000000", f"method.edit_seeds={args.seeds // 2}",
+                                 "batch_size=100"], root)
+    ev = found["explained_variance"]
+    pcs = {}
+    for k, by_scale in found["edits"].items():
+        moved = {a: by_scale["5"][a] - by_scale["-5"][a] for a in by_scale["0"]}
+        top = max(moved, key=lambda a: abs(moved[a]))
+        pcs[k] = {"attribute": top, "dP": round(moved[top], 3), "explained_t900": round(ev[int(k)][0], 3),
+                  "explained_t0": round(ev[int(k)][-1], 3)}
+    return {"num_samples": args.pca_samples, "explained_top5_per_step": [round(sum(ev[k][i] for k in range(5)), 3)
+                                                                           for i in range(len(ev[0]))], "pcs": pcs}
+
+
+def figures(root: Path, faces: int) -> None:
+    """README pictures: supervised edits of two fresh seeds; inverted faces, their edits and the counterfactuals."""
+    out = HERE / "figures"
+    rows = [read_image(root / f"apply_{a}" / "edits" / f"seed{seed}_0_{s:g}.png")
+            for seed in (1000000, 1000001) for a in ATTRIBUTES for s in SCALES]
+    save_grid(torch.stack(rows), out / "supervised.png", nrow=len(SCALES), upscale=2)
+    data = SyntheticFaces(64, faces, FACES["seed"], start=FACES["start"])
+    cells = []
+    for i in range(min(faces, 6)):
+        item, smiling = data[i], int(data[i]["attributes"][data.attribute_names.index("Smiling")])
+        name = f"face{item['name']}"
+        cells += [item["image"], read_image(root / "counterfactual_smiling" / "edits" / f"{name}_0_0.png"),
+                  read_image(root / "counterfactual_smiling" / "edits" / f"{name}_0_{(-1 if smiling else 1):g}.png"),
+                  data.counterfactual(i, Smiling=1 - smiling)["image"]]
+    save_grid(torch.stack(cells), out / "counterfactual.png", nrow=4, upscale=2)
+
+
+def table(results: dict) -> str:
+    lines = ["# Semantic directions in h-space: measured", "",
+             "Produced by `python experiments/directions/evaluate.py`; zoo `ddpm64`, 10 DDIM steps, η = 1, h = mid-block",
+             "output (128×8×8). Discovery classifier `attr64`; every probability below is from the held-out `attr64_eval`.",
+             "", "## Supervised directions: held-out P(attribute) against scale", "",
+             "| direction | " + " | ".join(f"{s:g}" for s in SCALES) + " | monotone | crosses 0.5 | mean abs dP others (per unit scale) | most entangled |",
+             "|---|" + "---|" * (len(SCALES) + 4)]
+    for a, r in results["supervised"].items():
+        lines.append(f"| {a} | " + " | ".join(f"{v:.2f}" for v in r["p_attribute"].values()) +
+                     f" | {'yes' if r['monotone'] else 'no'} | {'yes' if r['crosses_half'] else 'no'} | "
+                     f"{r['mean_abs_dp_others_at_pm1']:.3f} | {r['largest_other']} ({r['largest_other_dp']:+.2f}) |")
+    lines += ["", "## Conditional projection (scale −1 → +1)", "",
+              "| direction | dP(attribute) primal | dP(Male) primal | dP(attribute) Male projected out | dP(Male) projected out |",
+              "|---|---|---|---|---|"]
+    for a, r in results["conditional"].items():
+        p, c = r["primal"], r["Male projected out"]
+        lines.append(f"| {a} | {p['dP_attribute']:+.3f} | {p['dP_Male']:+.3f} | {c['dP_attribute']:+.3f} | {c['dP_Male']:+.3f} |")
+    cf = results["counterfactual"]
+    lines += ["", f"## Editing inverted faces against the ground-truth counterfactual (Smiling, {cf['faces']} faces)", "",
+              "| PSNR (dB) | value |", "|---|---|",
+              f"| reconstruction at scale 0 vs input | {cf['psnr_reconstruction']:.1f} |",
+              f"| original vs counterfactual (baseline) | {cf['psnr_original_vs_cf']:.1f} |",
+              f"| edit (scale ±{cf['scale']:g}) vs counterfactual | {cf['psnr_edit_vs_cf']:.1f} |",
+              f"| faces where the edit is closer to the counterfactual | {cf['edit_closer_than_original']:.0%} |"]
+    j = results["jacobian"]
+    lines += ["", "## Jacobian directions: share of the pixel change inside the region", "",
+              "| region | area | region-masked | unmasked | random Δh (equal norm) | passes per face | s per face |",
+              "|---|---|---|---|---|---|---|"]
+    for region in ("mouth", "eye"):
+        r = j[region]
+        lines.append(f"| {region} | {r['area']:.3f} | {r['masked']:.3f} | {r['unmasked']:.3f} | {r['random']:.3f} | "
+                     f"{r['passes']:.0f} | {r['seconds']:.0f} |")
+    s = j["solver"]
+    lines += ["", "| solver (k = 3, 10 steps, mouth mask, one face) | network passes | seconds |", "|---|---|---|",
+              f"| block Krylov (facelab) | {s['block']['passes']} | {s['block']['seconds']} |",
+              f"| sequential power iteration (reference) | {s['reference']['passes']} | {s['reference']['seconds']} |",
+              f"| ratio reference / facelab | {s['pass_ratio']:.1f}× | {s['time_ratio']:.1f}× |",
+              "", f"Largest relative difference of the singular values found by the two: {s['max_rel_sigma_difference']:.3f}."]
+    p = results["pca"]
+    lines += ["", f"## PCA ({p['num_samples']} samples, per-step)", "",
+              "Explained variance of the top 5 PCs per step (t = 900 … 0): " +
+              ", ".join(f"{v:.2f}" for v in p["explained_top5_per_step"]), "",
+              "| PC | attribute moving most (held-out, scale −5 → +5) | dP |", "|---|---|---|"]
+    for k, r in p["pcs"].items():
+        lines.append(f"| {k} | {r['attribute']} | {r['dP']:+.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", type=int, default=100, help="fresh seeds per supervised edit curve")
+    parser.add_argument("--faces", type=int, default=16, help="held-out faces for the counterfactual study")
+    parser.add_argument("--jacobian-faces", type=int, default=4)
+    parser.add_argument("--pca-samples", type=int, default=500)
+    args = parser.parse_args()
+    root = HERE.parents[1] / "outputs" / "experiments" / "directions" / time.strftime("%Y-%m-%d_%H-%M-%S")
+    results = {"supervised": supervised(args, root)}
+    results["conditional"] = conditional(args, root)
+    results["counterfactual"] = counterfactuals(args, root, root / "supervised_Smiling" / "directions.safetensors")
+    results["jacobian"] = jacobian(args, root)
+    results["pca"] = pca(args, root)
+    figures(root, args.faces)
+    (HERE / "results.json").write_text(json.dumps(results, indent=2))
+    (HERE / "results.md").write_text(table(results))
+    print(table(results))
+    return results
+
+
+if __name__ == "__main__":
+    main()
