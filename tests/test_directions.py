@@ -213,3 +213,13 @@ def test_celebahq_256_architecture_from_a_local_folder(tmp_path):
     d = Directions.load(run / "directions.safetensors")
     assert d.basis.shape == (1, 2, 512, 8, 8) and d.timesteps == [500, 0]
     assert len(list((run / "edits").glob("seed0_0_*.png"))) == 2
+
+
+def test_supervised_balanced_takes_half_from_each_group():
+    scores = torch.tensor([0.9, 0.8, 0.7, 0.1, 0.95, 0.2, 0.3, 0.05])
+    groups = torch.tensor([True, True, True, True, False, False, False, False])
+    hs = torch.arange(8.0).reshape(8, 1, 1)
+    _, pos, neg = maths.supervised(hs, scores, 2, groups)
+    assert sorted(pos.tolist()) == [0, 4] and sorted(neg.tolist()) == [3, 7]
+    with pytest.raises(ValueError, match="per group"):
+        maths.supervised(hs, scores, 6, groups)

@@ -55,15 +55,29 @@ def pca_joint(hs: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
     return slices.reshape(-1, steps, *shape), std[:, :1] * norms, ratio[:, 0]
 
 
-def supervised(hs: Tensor, scores: Tensor, num_examples: int) -> tuple[Tensor, Tensor, Tensor]:
+def supervised(hs: Tensor, scores: Tensor, num_examples: int, groups: Tensor | None = None
+               ) -> tuple[Tensor, Tensor, Tensor]:
     """mean h of the `num_examples` highest-scoring samples minus that of the lowest, per step: [T, *h].
 
-    Returns (difference, positive ids, negative ids)."""
-    if 2 * num_examples > len(scores):
-        raise ValueError(f"num_examples={num_examples} needs at least {2 * num_examples} indexed samples, "
-                         f"have {len(scores)}")
-    order = scores.argsort(descending=True)
-    pos, neg = order[:num_examples], order[-num_examples:]
+    groups: a boolean per sample (e.g. predicted male); each extreme then takes half from either group, so the
+    direction does not pick up the group (the reference's balance_gender). Returns (difference, pos ids, neg ids)."""
+    if groups is None:
+        if 2 * num_examples > len(scores):
+            raise ValueError(f"num_examples={num_examples} needs at least {2 * num_examples} indexed samples, "
+                             f"have {len(scores)}")
+        order = scores.argsort(descending=True)
+        pos, neg = order[:num_examples], order[-num_examples:]
+    else:
+        half = num_examples // 2
+        parts = []
+        for member in (groups, ~groups):
+            ids = member.nonzero().squeeze(1)
+            if 2 * half > len(ids):
+                raise ValueError(f"num_examples={num_examples}: a balanced index needs {2 * half} samples per "
+                                 f"group, one group has {len(ids)}")
+            order = ids[scores[ids].argsort(descending=True)]
+            parts.append((order[:half], order[-half:]))
+        pos, neg = torch.cat([p for p, _ in parts]), torch.cat([n for _, n in parts])
     return hs[pos].float().mean(0) - hs[neg].float().mean(0), pos, neg
 
 

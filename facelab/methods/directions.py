@@ -41,7 +41,7 @@ REGIONS = {  # composite face regions in CelebAMask-HQ classes
     "mouth": ["mouth", "u_lip", "l_lip"], "nose": ["nose"], "hair": ["hair"], "skin": ["skin"], "neck": ["neck"],
     "eyeglasses": ["eye_g"],
 }
-NATURAL_SCALES = {"pca": [-5, -2.5, 0, 2.5, 5], "jacobian": [-75, -37.5, 0, 37.5, 75],
+NATURAL_SCALES = {"pca": [-5, -2.5, 0, 2.5, 5], "jacobian": [-1500, -750, 0, 750, 1500],
                   "supervised": [-1, -0.5, 0, 0.5, 1], "conditional": [-1, -0.5, 0, 0.5, 1]}
 
 
@@ -245,7 +245,11 @@ def mean_difference(index: dict[str, Tensor], attribute: str, num_examples: int,
         known = sorted(k[6:] for k in index if k.startswith("score."))
         raise InputError(f"attribute={attribute}: the classifier {opts.classifier} has no such head "
                          f"(known: {', '.join(known)})")
-    return maths.supervised(index["hs"], index[key], num_examples)[0]
+    groups = index["score.Male"] > 0.5 if opts.balance_gender and attribute != "Male" else None
+    try:
+        return maths.supervised(index["hs"], index[key], num_examples, groups)[0]
+    except ValueError as err:
+        raise InputError(f"{err} (method.idx_size={opts.idx_size})") from None
 
 
 def discover_supervised(cfg, denoiser, grid, sources, metrics) -> Directions:
@@ -255,7 +259,8 @@ def discover_supervised(cfg, denoiser, grid, sources, metrics) -> Directions:
     index = supervised_index(cfg, denoiser, grid)
     primal = mean_difference(index, cfg.attribute, opts.num_examples, opts)
     vectors, params = [primal], {"attribute": cfg.attribute, "idx_size": opts.idx_size,
-                                 "num_examples": opts.num_examples, "classifier": opts.classifier}
+                                 "num_examples": opts.num_examples, "classifier": opts.classifier,
+                                 "balance_gender": opts.balance_gender}
     if cfg.discover == "conditional":
         if not cfg.condition:
             raise InputError("discover=conditional needs condition=[NAME,...] (e.g. condition=[Male])")
@@ -300,6 +305,9 @@ def apply_directions(cfg, denoiser, grid, directions: Directions, indices: list[
             results["edits"][str(k)] = {f"{scale:g}": {a: round(float(p[:, 1].reshape(n_src, n_s)[:, j].mean()), 4)
                                               for a, p in probs.items() if p.shape[1] == 2}
                                for j, scale in enumerate(scales)}
+    every = torch.cat([rows[k][b] for b in range(n_src) for k in indices])
+    gallery.section("all faces").append([(f"rows = (face, direction), columns = scales {scales}",
+                                          save_grid(every, out / "grid.png", nrow=n_s, upscale=2))])
     for b, name in enumerate(sources.names):
         path = save_grid(torch.cat([rows[k][b] for k in indices]), out / f"grid_{name}.png", nrow=n_s, upscale=2)
         row = [(f"{name}: rows = directions {indices}, columns = scales {scales}", path)]
