@@ -72,3 +72,14 @@ def test_other_loggers_write_their_runs(logger, tmp_path, monkeypatch):
         assert b"ddpm_synthetic" in records and b"val/loss" in records
     else:
         assert list((out / "tensorboard").rglob("events.out.tfevents.*"))
+
+
+def test_init_from_starts_fine_tuning_at_the_given_weights(tiny_model_dir):
+    from conftest import TINY_UNET
+    from facelab.models.ddpm import PixelDDPM
+
+    model = PixelDDPM(unet=TINY_UNET, scheduler={"num_train_timesteps": 1000}, init_from=str(tiny_model_dir))
+    source = load_denoiser(str(tiny_model_dir)).unet.state_dict()
+    for name, value in model.unet.state_dict().items():
+        torch.testing.assert_close(value, source[name])
+        torch.testing.assert_close(model.ema.module.state_dict()[name], source[name])
