@@ -33,7 +33,7 @@ from facelab.io.grids import save_grid
 from facelab.io.images import read_image, read_mask, save_image
 from facelab.methods.common import device_of
 from facelab.models.classifier import AttributeNet, load_classifier
-from facelab.models.pretrained import fingerprint, load_denoiser
+from facelab.models.pretrained import fingerprint, load_denoiser, model_fingerprint
 
 DISCOVER = ("pca", "jacobian", "supervised", "conditional")
 REGIONS = {  # composite face regions in CelebAMask-HQ classes
@@ -57,7 +57,7 @@ def run(cfg: DictConfig, out: Path, gallery) -> dict:
     if opts.clip is None:
         opts.clip = denoiser.schedule.clip_sample
     grid = denoiser.schedule.timesteps(opts.steps).tolist()
-    model = {"model": str(cfg.model.pretrained), "fingerprint": fingerprint(denoiser.unet), "h_space": opts.h_space}
+    model = {"model": str(cfg.model.pretrained), "fingerprint": model_fingerprint(denoiser), "h_space": opts.h_space}
     sources = load_sources(cfg, denoiser, grid)  # checked before any long computation
     metrics: dict = {}
     start = time.perf_counter()
@@ -173,7 +173,7 @@ def index_samples(cfg: DictConfig, denoiser: Denoiser, grid: list[int], seeds: l
 
     Cached under paths.cache_dir by a key of every input (model weights, h location, grid, η, seeds, classifier)."""
     opts = cfg.method
-    key = {"model": fingerprint(denoiser.unet), "h": opts.h_space, "grid": grid, "eta": eta, "seeds": [seeds[0], len(seeds)],
+    key = {"model": model_fingerprint(denoiser), "h": opts.h_space, "grid": grid, "eta": eta, "seeds": [seeds[0], len(seeds)],
            "clip": bool(opts.clip), "classifier": classifier and fingerprint(classifier)}
     digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     path = Path(cfg.paths.cache_dir) / "directions" / f"index_{digest}.safetensors"

@@ -12,7 +12,6 @@ weight fingerprint), resolution, depths, step convention, N, seed and faces; `lo
 """
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -28,7 +27,7 @@ from facelab.data.synthetic import SyntheticFaces
 from facelab.diffusion import Denoiser, randn_like
 from facelab.io.errors import InputError
 from facelab.methods.common import device_of, generator
-from facelab.models.pretrained import load_denoiser
+from facelab.models.pretrained import load_denoiser, model_fingerprint
 
 FORMAT = "facelab.fuzzy_stats/1"
 STATS_FILE = "fuzzy_stats.safetensors"
@@ -105,15 +104,6 @@ class RunningMoments:
     @property
     def std(self) -> Tensor:
         return (self.m2 / self.n).sqrt()
-
-
-def model_fingerprint(denoiser: Denoiser) -> str:
-    """sha256 of the UNet weights and the noise schedule: identifies the model whatever path it was loaded from."""
-    digest = hashlib.sha256(json.dumps(denoiser.schedule.config, sort_keys=True).encode())
-    for name, tensor in sorted(denoiser.unet.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
 
 
 def convention(offset: bool, step: int) -> dict:

@@ -2,6 +2,8 @@
 checkpoint or a hub id."""
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 
 import torch
@@ -38,8 +40,6 @@ def load_denoiser(pretrained: str, device: str | torch.device = "cpu") -> Denois
 
 
 def _unet_class(config_path: Path):
-    import json
-
     name = json.loads(config_path.read_text()).get("_class_name", "UNet2DModel")
     if name not in _UNETS:
         raise InputError(f"{config_path}: unsupported model class {name} (expected one of {sorted(_UNETS)})")
@@ -80,14 +80,21 @@ def _from_lightning(path: Path):
     return unet, Schedule.from_config(hparams["scheduler"])
 
 
-def fingerprint(module: torch.nn.Module) -> str:
-    """A short hash of a model's architecture and weights: files derived from a model (directions, statistics,
-    h-classifiers) record it, so they are not silently used with another model."""
-    import hashlib
-    import json
 
-    digest = hashlib.sha1(json.dumps(dict(getattr(module, "config", {})), sort_keys=True, default=str).encode())
+def _digest(module: torch.nn.Module, digest):
     for name, tensor in sorted(module.state_dict().items()):
         digest.update(name.encode())
-        digest.update(tensor.detach().to("cpu", torch.float16).numpy().tobytes())
-    return digest.hexdigest()[:16]
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest
+
+
+def model_fingerprint(denoiser: Denoiser) -> str:
+    """sha256 of the UNet weights and the noise schedule: identifies the model whatever path it was loaded from.
+    Files derived from a model (statistics, directions, h-classifiers) record it and are refused for another."""
+    return _digest(denoiser.unet, hashlib.sha256(json.dumps(denoiser.schedule.config, sort_keys=True).encode())
+                   ).hexdigest()
+
+
+def fingerprint(module: torch.nn.Module) -> str:
+    """sha256 of any module's weights (e.g. a classifier), shortened."""
+    return _digest(module, hashlib.sha256()).hexdigest()[:16]
