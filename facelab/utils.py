@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
 from hydra.types import RunMode
 
 from facelab.io.errors import InputError
@@ -32,13 +33,19 @@ def entry_point(fn):
     In a multirun the error propagates instead, so that Hydra records the job as failed and runs the others.
     """
 
+    bad_input = (InputError, FileNotFoundError, FileExistsError)
+
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except (InputError, FileNotFoundError, FileExistsError) as err:
+        except (*bad_input, InstantiationException) as err:
+            if isinstance(err, InstantiationException):  # raised in a config-built object (e.g. a dataset)
+                if not isinstance(err.__cause__, bad_input):
+                    raise
+                err = err.__cause__
             if in_sweep():
-                raise
+                raise err
             print(f"facelab: error: {err}", file=sys.stderr)
             sys.exit(2)
 

@@ -83,3 +83,12 @@ def test_init_from_starts_fine_tuning_at_the_given_weights(tiny_model_dir):
     for name, value in model.unet.state_dict().items():
         torch.testing.assert_close(value, source[name])
         torch.testing.assert_close(model.ema.module.state_dict()[name], source[name])
+
+
+def test_bad_input_inside_a_config_built_dataset_is_one_line(tmp_path):
+    from conftest import run_cli
+
+    result = run_cli("train", "data=class_folders", f"paths.data_dir={tmp_path / 'none'}", "trainer.max_steps=1",
+                     f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert result.returncode == 2 and "class folder root not found" in result.stderr
+    assert "Traceback" not in result.stderr and "InstantiationException" not in result.stderr
