@@ -1,9 +1,12 @@
 """Train the zoo models with facelab's own recipes and install them into facelab/zoo/<name>.
 
     python experiments/zoo/train_zoo.py [name ...] [-- extra hydra overrides]
+    python experiments/zoo/train_zoo.py --extras [name ...]     # only (re)build an installed model's EXTRAS
 
 Each model trains in the stable run directory outputs/zoo/<name>; rerunning resumes from its last.ckpt, so
-training can be done in several sittings. Wall time is accumulated into the installed recipe.json.
+training can be done in several sittings. Wall time is accumulated into the installed recipe.json. Then its
+EXTRAS run in order, each in outputs/zoo/<name>/<module> (cleared first), e.g. for ddpm64_biased the h-classifier
+that `method=debias` finds by default: h extraction, training, installed as facelab/zoo/ddpm64_biased/hclf.
 """
 from __future__ import annotations
 
@@ -26,9 +29,24 @@ ZOO = {  # zoo name -> training experiment
     "attr64_eval": "attr_clf_eval",
     "ddpm64_biased": "zoo_ddpm64_biased",
 }
-# What else each zoo model ships, computed from the installed model: (module, overrides).
-EXTRAS = {"ddpm64": [("facelab.fuzzy_stats", ["model.pretrained=ddpm64", "N=64", "batch_size=32", "overwrite=true",
-                                               "out=facelab/zoo/ddpm64/fuzzy_stats.safetensors"])]}
+# What else each zoo model ships, computed from the installed model, in order: (module, overrides, install), where
+# install = (folder the run exports, its place in the zoo model's folder) or None (the run writes its output itself).
+HSPACE = "outputs/zoo/ddpm64_biased/facelab.sample/hspace"  # the h extraction's shards (its run dir's hspace/)
+EXTRAS = {
+    "ddpm64": [("facelab.fuzzy_stats", ["model.pretrained=ddpm64", "N=64", "batch_size=32", "overwrite=true",
+                                        "out=facelab/zoo/ddpm64/fuzzy_stats.safetensors"], None)],
+    # method=debias's h-classifier: h of 2000 labelled synthetic faces from a split no other zoo model saw (seed 3;
+    # the DDPMs trained on seeds 0 and 2, the evaluation classifier on seed 1, debias's real faces are seed 1 from
+    # index 950000), balanced in Male and skin_tone, DDIM-inverted on the debias sampler's grid (DDIM, 50 steps);
+    # then Male and skin_tone heads per timestep.
+    "ddpm64_biased": [
+        ("facelab.sample", ["method=hextract", "model.pretrained=ddpm64_biased", "num_samples=2000", "progress=false",
+                            "method.faces.seed=3", "method.faces.start=0", "method.attributes=[Male,skin_tone]",
+                            "+method.faces.priors.skin_tone=[0.34,0.33,0.33]"], None),
+        ("facelab.train", ["+experiment=hclf_gender", "model.attributes=[Male,skin_tone]",
+                           f"data.dataset.path={HSPACE}", "trainer.enable_progress_bar=false"], ("hclf", "hclf")),
+    ],
+}
 
 
 def last_logged(csv_paths: list[Path], keys: tuple[str, ...]) -> dict:
@@ -59,9 +77,8 @@ def train(name: str, overrides: list[str]) -> None:
     exported = next(run_dir / d for d in ("diffusers", "classifier") if (run_dir / d).is_dir())
     shutil.copytree(exported, target)
     weights = next(p for p in (target / "unet" / "diffusion_pytorch_model.safetensors", target / "model.safetensors")
-                   if p.is_file())  # stored in float16: half the size in git, loads as fp32
-    save_file({k: v.half() if v.is_floating_point() else v for k, v in load_file(weights).items()}, weights,
-              metadata={"format": "pt"})
+                   if p.is_file())
+    store_half(weights)
     ckpt = torch.load(last, map_location="cpu", weights_only=True)
     params = sum(v.numel() for k, v in ckpt["state_dict"].items() if k.startswith(("unet.", "net.")))
     recipe = {
@@ -73,13 +90,37 @@ def train(name: str, overrides: list[str]) -> None:
     }
     (target / "recipe.json").write_text(json.dumps(recipe, indent=2))
     print(json.dumps(recipe, indent=2))
-    for module, extra in EXTRAS.get(name, []):
-        subprocess.run([sys.executable, "-m", module, *extra, f"hydra.run.dir={run_dir / module}"], check=True, cwd=ROOT)
+    extras(name)
+
+
+def store_half(weights: Path) -> None:
+    """Rewrite a safetensors file in float16: half the size in git; the loaders read it back as float32."""
+    save_file({k: v.half() if v.is_floating_point() else v for k, v in load_file(weights).items()}, weights,
+              metadata={"format": "pt"})
+
+
+def extras(name: str) -> None:
+    """Run the EXTRAS of an installed zoo model in order, each in a fresh outputs/zoo/<name>/<module>."""
+    for module, extra, install in EXTRAS.get(name, []):
+        run_dir = ROOT / "outputs" / "zoo" / name / module
+        shutil.rmtree(run_dir, ignore_errors=True)  # a rerun starts over: the model (and so its h) may have changed
+        cmd = [sys.executable, "-m", module, *extra, f"hydra.run.dir={run_dir}"]
+        print(" ".join(cmd), flush=True)
+        subprocess.run(cmd, check=True, cwd=ROOT)
+        if install is not None:
+            exported, target = run_dir / install[0], ROOT / "facelab" / "zoo" / name / install[1]
+            shutil.rmtree(target, ignore_errors=True)
+            shutil.copytree(exported, target)
+            store_half(target / "model.safetensors")
 
 
 if __name__ == "__main__":
     args = sys.argv[1:]
     split = args.index("--") if "--" in args else len(args)
     names, overrides = args[:split] or list(ZOO), args[split + 1:]
-    for name in names:
-        train(name, overrides)
+    if names[:1] == ["--extras"]:
+        for name in names[1:] or list(EXTRAS):
+            extras(name)
+    else:
+        for name in names:
+            train(name, overrides)
