@@ -38,7 +38,7 @@ from facelab.utils import compose_config
 
 HERE = Path(__file__).resolve().parent
 ATTRIBUTES = ["Smiling", "Eyeglasses", "Male", "Young"]
-SCALES = [-2, -1, -0.5, 0, 0.5, 1, 2]
+SCALES = [-4, -2, -1, 0, 1, 2, 4]
 FACES = {"seed": 0, "start": 900000}  # the default held-out faces of method=directions
 
 
@@ -68,52 +68,54 @@ def supervised(args, root: Path) -> dict:
             "p_attribute": dict(zip(map(str, SCALES), p)),
             "monotone": all(b >= a for a, b in zip(p, p[1:])),
             "crosses_half": min(p) < 0.5 < max(p),
-            "mean_abs_dp_others_at_pm1": sum(abs(curve[1][a] - curve[-1][a]) for a in others) / len(others) / 2,
-            "largest_other": max(others, key=lambda a: abs(curve[1][a] - curve[-1][a])),
+            "mean_abs_dp_others_at_pm2": sum(abs(curve[2][a] - curve[-2][a]) for a in others) / len(others),
+            "largest_other": max(others, key=lambda a: abs(curve[2][a] - curve[-2][a])),
             "curve": curve,
         }
-        results[attribute]["largest_other_dp"] = curve[1][results[attribute]["largest_other"]] - \
-            curve[-1][results[attribute]["largest_other"]]
+        results[attribute]["largest_other_dp"] = curve[2][results[attribute]["largest_other"]] - \
+            curve[-2][results[attribute]["largest_other"]]
     return results
 
 
 def conditional(args, root: Path) -> dict:
     results = {}
-    for attribute in ["Wearing_Lipstick", "No_Beard"]:
+    for attribute in ["Smiling", "Wearing_Lipstick"]:
         _, run_dir = run(f"conditional_{attribute}", ["discover=conditional", f"attribute={attribute}",
                                                       "condition=[Male]", "num_directions=1", "method.edit_seeds=1"],
                          root)
         applied, _ = run(f"apply_conditional_{attribute}", [f"apply={run_dir / 'directions.safetensors'}",
-                                                            "index=[0,1]", "scales=[-1,1]", "seed=1000000",
+                                                            "index=[0,1]", "scales=[-2,2]", "seed=1000000",
                                                             f"method.edit_seeds={args.seeds}", "batch_size=100"], root)
         row = {}
         for k, label in (("1", "primal"), ("0", "Male projected out")):
             e = applied["edits"][k]
-            row[label] = {"dP_attribute": e["1"][attribute] - e["-1"][attribute], "dP_Male": e["1"]["Male"] - e["-1"]["Male"]}
+            row[label] = {"dP_attribute": e["2"][attribute] - e["-2"][attribute], "dP_Male": e["2"]["Male"] - e["-2"]["Male"]}
         results[attribute] = row
     return results
 
 
-def counterfactuals(args, root: Path, smiling_file: Path) -> dict:
+def counterfactuals(args, root: Path, files: dict[str, Path]) -> dict:
     """Edit inverted held-out faces toward the other expression; compare with the ground-truth counterfactual."""
     faces = SyntheticFaces(64, args.faces, FACES["seed"], start=FACES["start"])
-    scale = 1.0
-    applied, run_dir = run("counterfactual_smiling", [f"apply={smiling_file}", "index=0",
-                                                      f"scales=[{-scale},0,{scale}]", "method.input=synthetic",
-                                                      f"method.edit_seeds={args.faces}"], root)
-    rows = []
-    for i in range(args.faces):
-        item = faces[i]
-        smiling = int(item["attributes"][faces.attribute_names.index("Smiling")])
-        target = faces.counterfactual(i, Smiling=1 - smiling)["image"]
-        name = f"face{item['name']}"
-        edit = read_image(run_dir / "edits" / f"{name}_0_{(-scale if smiling else scale):g}.png")
-        recon = read_image(run_dir / "edits" / f"{name}_0_0.png")
-        rows.append({"original_vs_cf": psnr(item["image"], target), "edit_vs_cf": psnr(edit, target),
-                     "reconstruction": psnr(recon, item["image"])})
-    mean = {k: sum(r[k] for r in rows) / len(rows) for k in rows[0]}
-    return {"faces": args.faces, "scale": scale, **{f"psnr_{k}": round(v, 2) for k, v in mean.items()},
-            "edit_closer_than_original": sum(r["edit_vs_cf"] > r["original_vs_cf"] for r in rows) / len(rows)}
+    scale, results = 2.0, {"faces": args.faces, "scale": 2.0}
+    for label, file in files.items():
+        applied, run_dir = run(f"counterfactual_{label}", [f"apply={file}", "index=0", f"scales=[{-scale},0,{scale}]",
+                                                           "method.input=synthetic", f"method.edit_seeds={args.faces}"],
+                               root)
+        rows = []
+        for i in range(args.faces):
+            item = faces[i]
+            smiling = int(item["attributes"][faces.attribute_names.index("Smiling")])
+            target = faces.counterfactual(i, Smiling=1 - smiling)["image"]
+            name = f"face{item['name']}"
+            edit = read_image(run_dir / "edits" / f"{name}_0_{(-scale if smiling else scale):g}.png")
+            recon = read_image(run_dir / "edits" / f"{name}_0_0.png")
+            rows.append({"original_vs_cf": psnr(item["image"], target), "edit_vs_cf": psnr(edit, target),
+                         "reconstruction": psnr(recon, item["image"])})
+        mean = {k: sum(r[k] for r in rows) / len(rows) for k in rows[0]}
+        results[label] = {**{f"psnr_{k}": round(v, 2) for k, v in mean.items()},
+                          "edit_closer_than_original": sum(r["edit_vs_cf"] > r["original_vs_cf"] for r in rows) / len(rows)}
+    return results
 
 
 def change_inside(run_dir: Path, name: str, index: int, scale: float, region: torch.Tensor) -> float:
@@ -151,7 +153,7 @@ def jacobian(args, root: Path) -> dict:
                          "random": change_inside(rand_dir, name, 0, scale, mask),
                          "passes": masked["network_passes"], "seconds": masked["discover_seconds"]})
         results[region] = {k: sum(r[k] for r in rows) / len(rows) for k in rows[0]}
-    results["solver"] = solver_cost()
+    results["solver"] = solver_cost(args.solver_steps)
     return results
 
 
@@ -170,7 +172,7 @@ def solver_cost(steps: int = 10, k: int = 3) -> dict:
         passes, start, sigmas = 0, time.perf_counter(), []
         for i, t in enumerate(grid):
             h, f = masked_eps_fn(denoiser, traj.x_ts[:, i], t, mask)
-            result = solver(f, h[0], k=k, generator=torch.Generator().manual_seed(i))
+            result = solver(f, h, k=k, generator=torch.Generator().manual_seed(i))
             passes, sigmas = passes + result.passes, sigmas + [result.sigma]
         out[label] = {"passes": passes, "seconds": round(time.perf_counter() - start, 1),
                       "sigma": torch.stack(sigmas).T.tolist()}
@@ -207,8 +209,9 @@ def figures(root: Path, faces: int) -> None:
     for i in range(min(faces, 6)):
         item, smiling = data[i], int(data[i]["attributes"][data.attribute_names.index("Smiling")])
         name = f"face{item['name']}"
-        cells += [item["image"], read_image(root / "counterfactual_smiling" / "edits" / f"{name}_0_0.png"),
-                  read_image(root / "counterfactual_smiling" / "edits" / f"{name}_0_{(-1 if smiling else 1):g}.png"),
+        edits = root / "counterfactual_conditional" / "edits"
+        cells += [item["image"], read_image(edits / f"{name}_0_0.png"),
+                  read_image(edits / f"{name}_0_{(-2 if smiling else 2):g}.png"),
                   data.counterfactual(i, Smiling=1 - smiling)["image"]]
     save_grid(torch.stack(cells), out / "counterfactual.png", nrow=4, upscale=2)
 
@@ -218,25 +221,27 @@ def table(results: dict) -> str:
              "Produced by `python experiments/directions/evaluate.py`; zoo `ddpm64`, 10 DDIM steps, η = 1, h = mid-block",
              "output (128×8×8). Discovery classifier `attr64`; every probability below is from the held-out `attr64_eval`.",
              "", "## Supervised directions: held-out P(attribute) against scale", "",
-             "| direction | " + " | ".join(f"{s:g}" for s in SCALES) + " | monotone | crosses 0.5 | mean abs dP others (per unit scale) | most entangled |",
+             "| direction | " + " | ".join(f"{s:g}" for s in SCALES) + " | monotone | crosses 0.5 | mean abs dP of the others, −2 → +2 | most entangled (dP) |",
              "|---|" + "---|" * (len(SCALES) + 4)]
     for a, r in results["supervised"].items():
         lines.append(f"| {a} | " + " | ".join(f"{v:.2f}" for v in r["p_attribute"].values()) +
                      f" | {'yes' if r['monotone'] else 'no'} | {'yes' if r['crosses_half'] else 'no'} | "
-                     f"{r['mean_abs_dp_others_at_pm1']:.3f} | {r['largest_other']} ({r['largest_other_dp']:+.2f}) |")
-    lines += ["", "## Conditional projection (scale −1 → +1)", "",
+                     f"{r['mean_abs_dp_others_at_pm2']:.3f} | {r['largest_other']} ({r['largest_other_dp']:+.2f}) |")
+    lines += ["", "## Conditional projection (scale −2 → +2)", "",
               "| direction | dP(attribute) primal | dP(Male) primal | dP(attribute) Male projected out | dP(Male) projected out |",
               "|---|---|---|---|---|"]
     for a, r in results["conditional"].items():
         p, c = r["primal"], r["Male projected out"]
         lines.append(f"| {a} | {p['dP_attribute']:+.3f} | {p['dP_Male']:+.3f} | {c['dP_attribute']:+.3f} | {c['dP_Male']:+.3f} |")
     cf = results["counterfactual"]
-    lines += ["", f"## Editing inverted faces against the ground-truth counterfactual (Smiling, {cf['faces']} faces)", "",
-              "| PSNR (dB) | value |", "|---|---|",
-              f"| reconstruction at scale 0 vs input | {cf['psnr_reconstruction']:.1f} |",
-              f"| original vs counterfactual (baseline) | {cf['psnr_original_vs_cf']:.1f} |",
-              f"| edit (scale ±{cf['scale']:g}) vs counterfactual | {cf['psnr_edit_vs_cf']:.1f} |",
-              f"| faces where the edit is closer to the counterfactual | {cf['edit_closer_than_original']:.0%} |"]
+    lines += ["", f"## Editing inverted faces against the ground-truth counterfactual (Smiling, {cf['faces']} held-out faces, "
+              f"scale ±{cf['scale']:g})", "",
+              "| direction | reconstruction at scale 0 vs input | original vs counterfactual | edit vs counterfactual | "
+              "faces where the edit is closer |", "|---|---|---|---|---|"]
+    for label in ("supervised", "conditional"):
+        r = cf[label]
+        lines.append(f"| {label} | {r['psnr_reconstruction']:.1f} dB | {r['psnr_original_vs_cf']:.1f} dB | "
+                     f"{r['psnr_edit_vs_cf']:.1f} dB | {r['edit_closer_than_original']:.0%} |")
     j = results["jacobian"]
     lines += ["", "## Jacobian directions: share of the pixel change inside the region", "",
               "| region | area | region-masked | unmasked | random Δh (equal norm) | passes per face | s per face |",
@@ -267,11 +272,14 @@ def main() -> dict:
     parser.add_argument("--faces", type=int, default=16, help="held-out faces for the counterfactual study")
     parser.add_argument("--jacobian-faces", type=int, default=4)
     parser.add_argument("--pca-samples", type=int, default=500)
+    parser.add_argument("--solver-steps", type=int, default=10, help="grid steps of the solver comparison")
     args = parser.parse_args()
     root = HERE.parents[1] / "outputs" / "experiments" / "directions" / time.strftime("%Y-%m-%d_%H-%M-%S")
     results = {"supervised": supervised(args, root)}
     results["conditional"] = conditional(args, root)
-    results["counterfactual"] = counterfactuals(args, root, root / "supervised_Smiling" / "directions.safetensors")
+    results["counterfactual"] = counterfactuals(args, root, {
+        "supervised": root / "supervised_Smiling" / "directions.safetensors",
+        "conditional": root / "conditional_Smiling" / "directions.safetensors"})
     results["jacobian"] = jacobian(args, root)
     results["pca"] = pca(args, root)
     figures(root, args.faces)

@@ -41,8 +41,10 @@ REGIONS = {  # composite face regions in CelebAMask-HQ classes
     "mouth": ["mouth", "u_lip", "l_lip"], "nose": ["nose"], "hair": ["hair"], "skin": ["skin"], "neck": ["neck"],
     "eyeglasses": ["eye_g"],
 }
+# default `scales` per method, measured on the zoo model (the reference's ±5, ±50-100 and ±1 were for the 256 px
+# model; on ddpm64 Jacobian singular values are ~0.02 and supervised edits cross P = 0.5 at about 2)
 NATURAL_SCALES = {"pca": [-5, -2.5, 0, 2.5, 5], "jacobian": [-1500, -750, 0, 750, 1500],
-                  "supervised": [-1, -0.5, 0, 0.5, 1], "conditional": [-1, -0.5, 0, 0.5, 1]}
+                  "supervised": [-4, -2, 0, 2, 4], "conditional": [-4, -2, 0, 2, 4]}
 
 
 def run(cfg: DictConfig, out: Path, gallery) -> dict:
