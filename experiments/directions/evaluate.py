@@ -1,12 +1,12 @@
 """Measure method=directions on the zoo DDPM and synthetic faces; write results.json, results.md and figures here.
 
-    python experiments/directions/evaluate.py [--seeds 100] [--faces 16] [--jacobian-faces 4] [--quick]
+    python experiments/directions/evaluate.py [--seeds 100] [--faces 16] [--jacobian-faces 3] [--pca-samples 500]
 
-1. Supervised directions (Smiling, Eyeglasses, Male, Young; index of 1000 DDIM samples scored by `attr64`):
+1. Supervised directions (Smiling, Eyeglasses, Male, Young; an index of 1000 samples scored by `attr64`):
    the held-out classifier's (`attr64_eval`) P(attribute) per scale on fresh seeds, and the mean |ΔP| of the other
    attributes at the largest scales (entanglement).
-2. Conditional projection: directions of attributes that are correlated with Male in the training prior
-   (Wearing_Lipstick, No_Beard) before and after projecting the Male direction out: ΔP(Male) and ΔP(attribute).
+2. Conditional projection: Smiling, which the zoo model's samples tie to beards, with No_Beard projected out, and
+   Wearing_Lipstick (women only in the prior) with Male projected out: ΔP(attribute) and ΔP(condition) before/after.
 3. Real-image editing against ground truth: held-out synthetic faces, edit-friendly inversion (η = 1), the Smiling
    direction toward the opposite expression, compared with the renderer's counterfactual of the same identity.
 4. Jacobian locality: share of the pixel-change energy inside the region for region-masked, unmasked and random
@@ -77,19 +77,24 @@ def supervised(args, root: Path) -> dict:
     return results
 
 
+CONDITIONAL = [("Smiling", "No_Beard"), ("Wearing_Lipstick", "Male")]  # (attribute, entangled condition)
+
+
 def conditional(args, root: Path) -> dict:
+    """Supervised directions entangled with another attribute, before and after projecting that one out."""
     results = {}
-    for attribute in ["Smiling", "Wearing_Lipstick"]:
+    for attribute, condition in CONDITIONAL:
         _, run_dir = run(f"conditional_{attribute}", ["discover=conditional", f"attribute={attribute}",
-                                                      "condition=[Male]", "num_directions=1", "method.edit_seeds=1"],
-                         root)
+                                                      f"condition=[{condition}]", "num_directions=1",
+                                                      "method.edit_seeds=1"], root)
         applied, _ = run(f"apply_conditional_{attribute}", [f"apply={run_dir / 'directions.safetensors'}",
                                                             "index=[0,1]", "scales=[-2,2]", "seed=1000000",
                                                             f"method.edit_seeds={args.seeds}", "batch_size=100"], root)
-        row = {}
-        for k, label in (("1", "primal"), ("0", "Male projected out")):
+        row = {"condition": condition}
+        for k, label in (("1", "primal"), ("0", "projected")):
             e = applied["edits"][k]
-            row[label] = {"dP_attribute": e["2"][attribute] - e["-2"][attribute], "dP_Male": e["2"]["Male"] - e["-2"]["Male"]}
+            row[label] = {"dP_attribute": e["2"][attribute] - e["-2"][attribute],
+                          "dP_condition": e["2"][condition] - e["-2"][condition]}
         results[attribute] = row
     return results
 
@@ -131,7 +136,7 @@ def change_inside(run_dir: Path, name: str, index: int, scale: float, region: to
 def jacobian(args, root: Path) -> dict:
     faces = SyntheticFaces(64, args.jacobian_faces, FACES["seed"], start=FACES["start"])
     scale, results = 1500, {}
-    for region in ["mouth", "eye"]:
+    for region in ["mouth", "eye", "hair"]:
         rows = []
         for i in range(args.jacobian_faces):
             item, name = faces[i], f"face{faces[i]['name']}"
@@ -218,7 +223,7 @@ def figures(root: Path, faces: int) -> None:
 
 def table(results: dict) -> str:
     lines = ["# Semantic directions in h-space: measured", "",
-             "Produced by `python experiments/directions/evaluate.py`; zoo `ddpm64`, 10 DDIM steps, η = 1, h = mid-block",
+             "Produced by `python experiments/directions/evaluate.py`; zoo `ddpm64`, 10 DDIM steps, η = 1 (index and edits), h = mid-block",
              "output (128×8×8). Discovery classifier `attr64`; every probability below is from the held-out `attr64_eval`.",
              "", "## Supervised directions: held-out P(attribute) against scale", "",
              "| direction | " + " | ".join(f"{s:g}" for s in SCALES) + " | monotone | crosses 0.5 | mean abs dP of the others, −2 → +2 | most entangled (dP) |",
@@ -228,11 +233,12 @@ def table(results: dict) -> str:
                      f" | {'yes' if r['monotone'] else 'no'} | {'yes' if r['crosses_half'] else 'no'} | "
                      f"{r['mean_abs_dp_others_at_pm2']:.3f} | {r['largest_other']} ({r['largest_other_dp']:+.2f}) |")
     lines += ["", "## Conditional projection (scale −2 → +2)", "",
-              "| direction | dP(attribute) primal | dP(Male) primal | dP(attribute) Male projected out | dP(Male) projected out |",
-              "|---|---|---|---|---|"]
+              "| direction | condition projected out | dP(attribute) primal | dP(condition) primal | "
+              "dP(attribute) projected | dP(condition) projected |", "|---|---|---|---|---|---|"]
     for a, r in results["conditional"].items():
-        p, c = r["primal"], r["Male projected out"]
-        lines.append(f"| {a} | {p['dP_attribute']:+.3f} | {p['dP_Male']:+.3f} | {c['dP_attribute']:+.3f} | {c['dP_Male']:+.3f} |")
+        p, c = r["primal"], r["projected"]
+        lines.append(f"| {a} | {r['condition']} | {p['dP_attribute']:+.3f} | {p['dP_condition']:+.3f} | "
+                     f"{c['dP_attribute']:+.3f} | {c['dP_condition']:+.3f} |")
     cf = results["counterfactual"]
     lines += ["", f"## Editing inverted faces against the ground-truth counterfactual (Smiling, {cf['faces']} held-out faces, "
               f"scale ±{cf['scale']:g})", "",
@@ -246,7 +252,7 @@ def table(results: dict) -> str:
     lines += ["", "## Jacobian directions: share of the pixel change inside the region", "",
               "| region | area | region-masked | unmasked | random Δh (equal norm) | passes per face | s per face |",
               "|---|---|---|---|---|---|---|"]
-    for region in ("mouth", "eye"):
+    for region in ("mouth", "eye", "hair"):
         r = j[region]
         lines.append(f"| {region} | {r['area']:.3f} | {r['masked']:.3f} | {r['unmasked']:.3f} | {r['random']:.3f} | "
                      f"{r['passes']:.0f} | {r['seconds']:.0f} |")
@@ -270,7 +276,7 @@ def main() -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, default=100, help="fresh seeds per supervised edit curve")
     parser.add_argument("--faces", type=int, default=16, help="held-out faces for the counterfactual study")
-    parser.add_argument("--jacobian-faces", type=int, default=4)
+    parser.add_argument("--jacobian-faces", type=int, default=3)
     parser.add_argument("--pca-samples", type=int, default=500)
     parser.add_argument("--solver-steps", type=int, default=10, help="grid steps of the solver comparison")
     args = parser.parse_args()
