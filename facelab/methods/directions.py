@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -94,12 +95,16 @@ def check_scales(scales) -> list[float] | None:
 
 
 # ----------------------------------------------------------------------------------------------- inputs
+@dataclass
 class Sources:
     """The faces to edit: names, x_T and per-step noise (seeded, or from inverting images), optional label maps."""
 
-    def __init__(self, names: list[str], x_T: Tensor, noises: Tensor, eta: float, images: Tensor | None = None,
-                 labels: Tensor | None = None):
-        self.names, self.x_T, self.noises, self.eta, self.images, self.labels = names, x_T, noises, eta, images, labels
+    names: list[str]
+    x_T: Tensor
+    noises: Tensor
+    eta: float
+    images: Tensor | None = None
+    labels: Tensor | None = None
 
 
 def load_sources(cfg: DictConfig, denoiser: Denoiser, grid: list[int]) -> Sources:
