@@ -39,8 +39,7 @@ from omegaconf import OmegaConf
 from torch import Tensor
 
 from facelab.data.synthetic import ATTRIBUTES, DEFAULT_PRIORS, SyntheticFaces
-from facelab.io.images import read_image
-from facelab.methods.hextract import resize
+from facelab.io.images import read_image, resize_images
 from facelab.metrics.attributes import class_fractions, fairness_discrepancy, feature_frechet
 from facelab.models.classifier import AttributeNet, load_classifier
 from facelab.models.hclassifier import find_hclassifier
@@ -108,7 +107,7 @@ class Scorer:
         features, probs = [], {}
         for first in range(0, len(paths), self.batch_size):
             x = torch.stack([read_image(p) for p in paths[first:first + self.batch_size]]).to(self.device)
-            x = resize(x, self.evaluator.image_size)
+            x = resize_images(x, self.evaluator.image_size)
             features.append(self.evaluator.features(x).cpu())
             for head, p in self.evaluator.predict(x).items():
                 probs.setdefault(head, []).append(p.cpu())

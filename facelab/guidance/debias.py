@@ -28,6 +28,7 @@ from torch import Tensor
 
 from facelab.diffusion import Guidance, State
 from facelab.io.errors import InputError
+from facelab.io.images import resize_images
 from facelab.models.hclassifier import LOOKUPS, HNet, load_hclassifier
 
 MODES = ("vanilla", "sample", "distribution")
@@ -293,8 +294,6 @@ class ImageDebias(Guidance):
         with torch.enable_grad():
             x_t = state.x_t.detach().requires_grad_(True)
             x0 = state.schedule.pred_x0(x_t, state.t, eps)
-            if x0.shape[-1] != size:
-                x0 = F.interpolate(x0, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-            probs = self.classifier.to(x0.device).predict(x0, temperature=self.temperature)
+            probs = self.classifier.to(x0.device).predict(resize_images(x0, size), temperature=self.temperature)
             grad, = torch.autograd.grad(self.objective(probs), x_t)
         state.eps = eps + (1 - state.schedule.alpha_bar(state.t)) ** 0.5 * grad

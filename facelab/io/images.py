@@ -121,6 +121,14 @@ def read_keep_mask(path: str | Path, size: Size = None) -> torch.Tensor:
     return _to_tensor(img) / 255
 
 
+def resize_images(images: torch.Tensor, size: int) -> torch.Tensor:
+    """A batch [B, C, H, W] resized (antialiased bilinear) to size×size, e.g. to a classifier's input size."""
+    if tuple(images.shape[-2:]) == (size, size):
+        return images
+    return torch.nn.functional.interpolate(images, size=(size, size), mode="bilinear", antialias=True,
+                                           align_corners=False)
+
+
 def _resize_tensor(x: torch.Tensor, size: Size) -> torch.Tensor:
     hw = _hw(size)
     if hw is None or tuple(x.shape[-2:]) == hw:

@@ -29,9 +29,8 @@ from facelab.data.synthetic import SyntheticFaces
 from facelab.guidance.debias import DEFAULT_TARGET, MODES, HSpaceDebias, ImageDebias, target_distributions
 from facelab.io.errors import InputError
 from facelab.io.grids import save_grid
-from facelab.io.images import save_image
+from facelab.io.images import resize_images, save_image
 from facelab.methods.common import device_of, generator, guidance_terms, run_sampler, sampler_timesteps
-from facelab.methods.hextract import resize
 from facelab.metrics.attributes import class_fractions, fairness_discrepancy, feature_frechet
 from facelab.models.classifier import AttributeNet, load_classifier
 from facelab.models.hclassifier import find_hclassifier, load_hclassifier
@@ -138,7 +137,7 @@ def evaluate(evaluator: AttributeNet, images: Tensor, batch_size: int) -> dict:
     device = next(evaluator.parameters()).device
     labels, features = {}, []
     for chunk in images.split(batch_size):
-        x = resize(chunk.to(device), evaluator.image_size)
+        x = resize_images(chunk.to(device), evaluator.image_size)
         for head, probs in evaluator.predict(x).items():
             labels.setdefault(head, []).append(probs.argmax(1).cpu())
         features.append(evaluator.features(x).cpu())

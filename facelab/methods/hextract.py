@@ -25,7 +25,6 @@ from functools import cached_property
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
@@ -40,10 +39,10 @@ from facelab.diffusion import ddim_invert, hspace
 from facelab.diffusion.hspace import WHERE
 from facelab.io.errors import InputError
 from facelab.io.grids import save_grid
+from facelab.io.images import resize_images
 from facelab.methods.common import device_of, generator, run_sampler, sampler_timesteps
-from facelab.models.pretrained import model_fingerprint
 from facelab.models.classifier import load_classifier
-from facelab.models.pretrained import load_denoiser
+from facelab.models.pretrained import load_denoiser, model_fingerprint
 
 FORMAT = "facelab.hspace/1"
 SOURCES = ("synthetic", "class_folders", "trajectory")
@@ -171,18 +170,11 @@ def trajectory_batches(cfg: DictConfig, denoiser, grid: list[int], device: torch
             x_T = torch.randn(n, unet.in_channels, unet.sample_size, unet.sample_size, generator=gen, device=device)
             with hspace(denoiser.unet, opts.where, capture=True) as hs:
                 images = run_sampler(denoiser, x_T, cfg.sampler, gen, progress=False)
-            probs = classifier.predict(resize(images, classifier.image_size))
+            probs = classifier.predict(resize_images(images, classifier.image_size))
             labels = torch.stack([probs[a].argmax(1) for a in heads], 1)
             yield images, torch.stack(hs, 1), labels, [f"sample_{first + i:06d}" for i in range(n)]
 
     return batches(), labelling
-
-
-def resize(images: Tensor, size: int) -> Tensor:
-    """Images resized (antialiased bilinear) to a classifier's input size."""
-    if images.shape[-1] == size:
-        return images
-    return F.interpolate(images, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
 
 
 class ShardWriter:

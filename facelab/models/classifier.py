@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
@@ -21,6 +20,7 @@ from torch import Tensor, nn
 from facelab.diffusion import Schedule
 from facelab.io.errors import InputError
 from facelab.models.components.convnet import ConvEncoder
+from facelab.models.components.seeding import keyed_generator
 
 
 class AttributeNet(nn.Module):
@@ -115,8 +115,7 @@ class AttributeClassifier(pl.LightningModule):
         return torch.stack(losses).mean(), correct
 
     def _generator(self, *key: int) -> torch.Generator:
-        seed = np.random.SeedSequence([self.hparams.seed, self.global_rank, *key]).generate_state(1, np.uint64)[0]
-        return torch.Generator(self.device).manual_seed(int(seed))
+        return keyed_generator(self.device, self.hparams.seed, self.global_rank, *key)
 
     def training_step(self, batch, batch_idx):
         loss, correct = self._step(batch, self._generator(0, self.global_step))

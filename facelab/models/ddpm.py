@@ -3,7 +3,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
@@ -11,6 +10,7 @@ from diffusers import DDPMScheduler, UNet2DModel
 
 from facelab.diffusion import Denoiser, Schedule, sample
 from facelab.models.components.ema import EMA
+from facelab.models.components.seeding import keyed_generator
 from facelab.models.pretrained import load_denoiser
 
 
@@ -46,8 +46,7 @@ class PixelDDPM(pl.LightningModule):
 
     def generator(self, *key: int) -> torch.Generator:
         """A generator on the module's device seeded by (seed, rank, *key)."""
-        seed = np.random.SeedSequence([self.hparams.seed, self.global_rank, *key]).generate_state(1, np.uint64)[0]
-        return torch.Generator(self.device).manual_seed(int(seed))
+        return keyed_generator(self.device, self.hparams.seed, self.global_rank, *key)
 
     def training_step(self, batch, batch_idx):
         x0 = batch[self.hparams.image_key]
