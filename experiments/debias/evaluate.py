@@ -39,6 +39,7 @@ from omegaconf import OmegaConf
 from torch import Tensor
 
 from facelab.data.synthetic import ATTRIBUTES, DEFAULT_PRIORS, SyntheticFaces
+from facelab.io.grids import save_grid
 from facelab.io.images import read_image, resize_images
 from facelab.metrics.attributes import class_fractions, fairness_discrepancy, feature_frechet
 from facelab.models.classifier import AttributeNet, load_classifier
@@ -244,6 +245,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--sample-scale", type=float, default=15.0, help="sample guidance (the reference's 15)")
     parser.add_argument("--image-scale", type=float, default=20.0, help="image-space baseline (universal_scale)")
     parser.add_argument("--batches", type=int, nargs="+", default=[10, 50, 100], help="N of the invariance check")
+    parser.add_argument("--batch1-samples", type=int, help="images per N = 1 cell (default: --samples)")
     parser.add_argument("--real-faces", type=int, help="real faces of the Fréchet distance (default: --samples)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--quick", action="store_true", help="a first look: 200 images, 1 seed")
@@ -255,6 +257,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     args.seeds = args.seeds or (1 if args.quick else 3)
     args.calibration_samples = args.calibration_samples or (200 if args.quick else 500)
     args.real_faces = args.real_faces or args.samples
+    args.batch1_samples = args.batch1_samples or args.samples
     args.calibrate_scales = sorted(args.calibrate_scales)
     if args.samples % (2 * args.batch_size):
         parser.error(f"--samples {args.samples} must be a multiple of 2 × --batch-size {args.batch_size}: the "
@@ -307,7 +310,7 @@ def main(argv: list[str] | None = None) -> dict:
                         {"skin_tone": UNIFORM3})
         for running in ("none", "cumulative"):
             runs[f"N1_{running}"] = ([cells(f"batch1_{running}_s{seed}", [
-                f"seed={seed}", f"num_samples={m}", "batch_size=1", *dist, "target.Male=0.5",
+                f"seed={seed}", f"num_samples={args.batch1_samples}", "batch_size=1", *dist, "target.Male=0.5",
                 f"method.running_estimate={running}"])], male(0.5))
         for b in args.batches:
             runs[f"N{b}"] = runs["distribution"] if b == n else runs["N1_none"] if b == 1 else (
@@ -334,15 +337,26 @@ def main(argv: list[str] | None = None) -> dict:
         "guidance_classifier": args.guidance_classifier, "samples": m, "seeds": args.seeds, "batch_size": n,
         "steps": args.steps, "real_faces": args.real_faces, "scale": scale, "calibration": calibration,
         "sample_scale": args.sample_scale, "image_scale": args.image_scale, "batches": args.batches,
+        "batch1_samples": args.batch1_samples,
         "fd_floor": 0.564 / m ** 0.5, "device": str(next(evaluator.parameters()).device) if args.device == "auto"
         else args.device, "cells": {key: aggregate(v) for key, v in rows.items()},
         "loss_fix": {loss: {key: summary([r[key] for r in v]) for key in v[0]} for loss, v in loss_fix.items()},
         "runs": str(root)}
     args.out.mkdir(parents=True, exist_ok=True)
+    figure(root, args.out / "figures" / "debias.png")
     (args.out / "results.json").write_text(json.dumps(results, indent=2))
     (args.out / "results.md").write_text(markdown(results))
     print(markdown(results))
     return results
+
+
+def figure(root: Path, path: Path, per_row: int = 8) -> None:
+    """Vanilla (top rows) and distribution guidance at Male = 0.5 (bottom rows) on the same noise: seed 0's first
+    two rows of images each."""
+    runs = (root / "vanilla_s0", root / "distribution_m0.5_s0")
+    images = [read_image(p) for run in runs for p in sorted((run / "samples").glob("*.png"))[:2 * per_row]]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_grid(torch.stack(images), path, nrow=per_row, upscale=2)
 
 
 def pm(stat: dict, digits: int = 3) -> str:
@@ -402,6 +416,7 @@ def markdown(res: dict) -> str:
                      f"{pm(c['fd']['skin_tone'])} | {pm(c['male'])} | {pm(c['frechet'], 2)} | {pm(c['drift'])} "
                      f"({c['per_seed'][0]['drift_head'] or '-'}) |")
     lines += ["", "## Batch invariance (scale_per_sample) and the running estimate, target Male = 0.5", "",
+              f"N = 1 cells: {res['batch1_samples']} images per seed.", "",
               "| N | running estimate | Male fraction | FD | s / image |", "|---:|---|---:|---:|---:|"]
     for key, b, running in [*((f"N{b}", b, "none") for b in res["batches"] if b != 1), ("N1_none", 1, "none"),
                             ("N1_cumulative", 1, "cumulative")]:
