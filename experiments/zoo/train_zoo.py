@@ -33,7 +33,7 @@ ZOO = {  # zoo name -> training experiment
 # install = (folder the run exports, its place in the zoo model's folder) or None (the run writes its output itself).
 HSPACE = "outputs/zoo/ddpm64_biased/facelab.sample/hspace"  # the h extraction's shards (its run dir's hspace/)
 EXTRAS = {
-    "ddpm64": [("facelab.fuzzy_stats", ["model.pretrained=ddpm64", "N=1000", "batch_size=100", "overwrite=true",
+    "ddpm64": [("facelab.fuzzy_stats", ["model.pretrained=ddpm64", "N=64", "batch_size=32", "overwrite=true",
                                         "out=facelab/zoo/ddpm64/fuzzy_stats.safetensors"], None)],
     # method=debias's h-classifier: h of 2000 labelled synthetic faces from a split no other zoo model saw (seed 3;
     # the DDPMs trained on seeds 0 and 2, the evaluation classifier on seed 1, debias's real faces are seed 1 from
