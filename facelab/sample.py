@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import hydra
@@ -24,6 +25,23 @@ def run_sample(cfg: DictConfig) -> dict:
     metrics = get_method(cfg.method._target_)(cfg, out, gallery)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     gallery.write(metrics, config_text)
+    return metrics
+
+
+def run_cell(out: Path, overrides: list[str]) -> dict:
+    """`run_sample` for studies of many runs (experiments/): a finished run in `out` with the same overrides (its
+    cell.json) is read back, an unfinished one starts over, and one finished with other overrides is an error."""
+    from facelab.utils import compose_config
+
+    record = out / "cell.json"
+    if (out / "metrics.json").is_file() and record.is_file():
+        earlier = json.loads(record.read_text())["overrides"]
+        if earlier != overrides:
+            raise SystemExit(f"{out} was run with other settings ({' '.join(earlier)}); use another --runs folder")
+        return json.loads((out / "metrics.json").read_text())
+    shutil.rmtree(out, ignore_errors=True)  # an interrupted run of an earlier invocation
+    metrics = run_sample(compose_config("sample", overrides, out))
+    record.write_text(json.dumps({"overrides": overrides}, indent=2))
     return metrics
 
 

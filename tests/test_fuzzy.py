@@ -176,27 +176,27 @@ def test_stats_round_trip_and_metadata_checks(stats_file, tiny_model_dir, tmp_pa
     denoiser = load_denoiser(str(tiny_model_dir))
     tensors, meta = read_stats(stats_file)
     assert meta["depths"] == [20, 40] and meta["N"] == 4 and meta["resolution"] == 16
-    assert meta["projection_step"] == 10 and meta["projection_offset"] is True and meta["faces"]["start"] == 0
-    mean, std, _ = load_stats(stats_file.parent, denoiser, "tiny", [40], True, 10)
+    assert meta["projection_step"] == 50 and meta["projection_offset"] is True and meta["faces"]["start"] == 0
+    mean, std, _ = load_stats(stats_file.parent, denoiser, "tiny", [40], True, 50)
     assert mean.shape == std.shape == (1, 3, 16, 16) and mean.dtype == torch.float64
     assert torch.equal(mean[0], tensors["mean"][1]) and torch.all(std > 0)
 
     with pytest.raises(InputError, match="no statistics for depth"):
-        load_stats(stats_file, denoiser, "tiny", [30], True, 10)
+        load_stats(stats_file, denoiser, "tiny", [30], True, 50)
     with pytest.raises(InputError, match="projection convention"):
         load_stats(stats_file, denoiser, "tiny", [20], True, 1)
     with pytest.raises(InputError, match="zscore_N=1000"):
-        load_stats(stats_file, denoiser, "tiny", [20], True, 10, N=1000)
+        load_stats(stats_file, denoiser, "tiny", [20], True, 50, N=1000)
     with pytest.raises(InputError, match="computed for model .* not for model.pretrained=other"):
-        load_stats(stats_file, load_denoiser(str(other_model(tmp_path / "other", 1))), "other", [20], True, 10)
+        load_stats(stats_file, load_denoiser(str(other_model(tmp_path / "other", 1))), "other", [20], True, 50)
     moments = RunningMoments()
     moments.update(torch.rand(2, 1, 3, 32, 32))
     wrong_size = save_stats(tmp_path / "s32.safetensors", moments, [20], {**meta, "resolution": 32})
     with pytest.raises(InputError, match="32 px"):
-        load_stats(wrong_size, denoiser, "tiny", [20], True, 10)
+        load_stats(wrong_size, denoiser, "tiny", [20], True, 50)
     (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(InputError, match="not a safetensors"):
-        load_stats(tmp_path / "junk.safetensors", denoiser, "tiny", [20], True, 10)
+        load_stats(tmp_path / "junk.safetensors", denoiser, "tiny", [20], True, 50)
     before = stats_file.read_bytes()
     with pytest.raises(FileExistsError):
         compute_stats(compose("fuzzy_stats", [f"model.pretrained={tiny_model_dir}", "N=4", f"out={stats_file}"],

@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import shutil
 import statistics
 import time
 from pathlib import Path
@@ -44,7 +43,7 @@ from facelab.io.images import read_image, resize_images
 from facelab.metrics.attributes import class_fractions, fairness_discrepancy, feature_frechet
 from facelab.models.classifier import AttributeNet, load_classifier
 from facelab.models.hclassifier import find_hclassifier
-from facelab.sample import run_sample
+from facelab.sample import run_cell
 from facelab.utils import compose_config
 
 HERE = Path(__file__).resolve().parent
@@ -68,18 +67,11 @@ class Cells:
         self.root, self.common = root, common
 
     def __call__(self, name: str, overrides: list[str]) -> Path:
-        out = self.root / name
         overrides = ["method=debias", "progress=false", *self.common, *overrides]
-        if (out / "metrics.json").is_file():
-            earlier = json.loads((out / "cell.json").read_text())["overrides"]
-            if earlier != overrides:
-                raise SystemExit(f"{out} was run with other settings ({' '.join(earlier)}); use another --runs folder")
-            return out
-        shutil.rmtree(out, ignore_errors=True)  # an unfinished cell of an interrupted invocation starts over
-        print(f"[{time.strftime('%H:%M:%S')}] {name}: {' '.join(overrides[2 + len(self.common):])}", flush=True)
-        run_sample(compose_config("sample", overrides, out))
-        (out / "cell.json").write_text(json.dumps({"overrides": overrides}, indent=2))
-        return out
+        if not (self.root / name / "cell.json").is_file():
+            print(f"[{time.strftime('%H:%M:%S')}] {name}: {' '.join(overrides[2 + len(self.common):])}", flush=True)
+        run_cell(self.root / name, overrides)
+        return self.root / name
 
 
 class Scorer:
@@ -236,7 +228,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=100, help="N of the main cells (the reference's 100)")
     parser.add_argument("--steps", type=int, default=50, help="sampler steps (the h-classifier's grid)")
     parser.add_argument("--scale", type=float, help="distribution-guidance scale (default: calibrated)")
-    parser.add_argument("--calibrate-scales", type=float, nargs="+", default=[5, 15, 50, 150, 500, 1500],
+    parser.add_argument("--calibrate-scales", type=float, nargs="+", default=[0.1, 0.3, 1, 3, 10],
                         help="tried in increasing order")
     parser.add_argument("--calibrate-target", type=float, default=0.5)
     parser.add_argument("--calibration-samples", type=int, help="images per calibration cell (default 500; --quick "

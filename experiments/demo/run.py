@@ -21,7 +21,7 @@ SHOWCASES = {
     "fuzzy_replace": ["method=fuzzy", "mode=replace", "mask_s=0.07", "num_samples=4"],
     "directions_pca": ["method=directions", "discover=pca", "num_samples=100", "method.edit_seeds=2",
                        "num_directions=3"],
-    "fuzzy_zscore": ["method=fuzzy", "mode=zscore", "self_degrade=true", "num_samples=4", "sampler.steps=25"],
+    "fuzzy_zscore": ["method=fuzzy", "mode=zscore", "self_degrade=true", "num_samples=4"],
 }
 
 

@@ -28,12 +28,14 @@ ZOO = {  # zoo name -> training experiment
     "attr64": "attr_clf",
     "attr64_eval": "attr_clf_eval",
     "ddpm64_biased": "zoo_ddpm64_biased",
+    "cyclediff64": "cyclediff_ddpm",      # attribute-conditional, fine-tuned from ddpm64 (method=cyclediff)
+    "attr64_noisy": "attr_clf_noisy",     # noise-aware guidance classifier for method=cyclediff
 }
 # What else each zoo model ships, computed from the installed model, in order: (module, overrides, install), where
 # install = (folder the run exports, its place in the zoo model's folder) or None (the run writes its output itself).
 HSPACE = "outputs/zoo/ddpm64_biased/facelab.sample/hspace"  # the h extraction's shards (its run dir's hspace/)
 EXTRAS = {
-    "ddpm64": [("facelab.fuzzy_stats", ["model.pretrained=ddpm64", "N=64", "batch_size=32", "overwrite=true",
+    "ddpm64": [("facelab.fuzzy_stats", ["model.pretrained=ddpm64", "N=128", "batch_size=32", "overwrite=true",
                                         "out=facelab/zoo/ddpm64/fuzzy_stats.safetensors"], None)],
     # method=debias's h-classifier: h of 2000 labelled synthetic faces from a split no other zoo model saw (seed 3;
     # the DDPMs trained on seeds 0 and 2, the evaluation classifier on seed 1, debias's real faces are seed 1 from

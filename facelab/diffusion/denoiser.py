@@ -16,7 +16,9 @@ class Denoiser(nn.Module):
 
     `forward` returns ε whatever the prediction_type. When the network also predicts a variance
     (out channels = 2 × sample channels), the extra half v is split off and kept in `last_variance`
-    (None otherwise), for `learned_range` DDPM steps.
+    (None otherwise), for `learned_range` DDPM steps. An attribute-conditional UNet
+    (`facelab.models.components.attributes`) lists its `attributes`; its cond is the attribute vector [B, A],
+    and no cond means the null label (all zeros, what label dropout trains).
     """
 
     def __init__(self, unet: nn.Module, schedule: Schedule):
@@ -25,6 +27,7 @@ class Denoiser(nn.Module):
         self.schedule = schedule
         self.last_variance: Tensor | None = None
         self._cross_attention = "encoder_hidden_states" in inspect.signature(unet.forward).parameters
+        self.attributes: list[str] | None = getattr(getattr(unet, "class_embedding", None), "attributes", None)
 
     def forward(self, x_t: Tensor, t: Time, cond: Tensor | Mapping | None = None) -> Tensor:
         """ε for x_t at time t (int, 0-dim or per-sample [B] tensor).
@@ -32,6 +35,8 @@ class Denoiser(nn.Module):
         cond: a dict of extra UNet keyword arguments (encoder_hidden_states, encoder_attention_mask,
         class_labels, ...), or a tensor: encoder_hidden_states for a cross-attention UNet, else class_labels.
         """
+        if cond is None and self.attributes is not None:
+            cond = x_t.new_zeros(len(x_t), len(self.attributes))
         if cond is None:
             kwargs = {}
         elif isinstance(cond, Mapping):

@@ -41,6 +41,22 @@ def read_image(path: str | Path, size: Size = None) -> torch.Tensor:
     return _to_tensor(img) / 127.5 - 1
 
 
+def read_image_folder(folder: str | Path | None, size: int) -> tuple[list[str], torch.Tensor]:
+    """The .png/.jpg images of `gt_path=folder`, sorted by name: their stems and [N, 3, size, size] in [-1, 1].
+    An image of another size is refused (a model reads exactly its own)."""
+    if not folder or not Path(folder).is_dir():
+        raise InputError(f"method.input=images needs gt_path=DIR with the images to edit (got {folder})")
+    paths = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
+    if not paths:
+        raise InputError(f"gt_path={folder}: no .png/.jpg images")
+    images = [read_image(p) for p in paths]
+    for path, image in zip(paths, images):
+        if image.shape[1:] != (size, size):
+            raise InputError(f"{path}: {image.shape[2]}x{image.shape[1]} px, the model needs {size}x{size}; resize "
+                             "the images first")
+    return [p.stem for p in paths], torch.stack(images)
+
+
 def save_image(image: torch.Tensor, path: str | Path, overwrite: bool = False) -> Path:
     """Write an image in [-1, 1] ([3, H, W], [1, H, W] or [H, W]) as clamp((x + 1) * 127.5); JPEG at quality 95.
 

@@ -31,7 +31,7 @@ from facelab.directions.trajectory import run_trajectory, seed_noise
 from facelab.guidance.hedit import HEdit
 from facelab.io.errors import InputError
 from facelab.io.grids import save_grid
-from facelab.io.images import read_image, read_mask, save_image
+from facelab.io.images import read_image_folder, read_mask, save_image
 from facelab.methods.common import device_of
 from facelab.models.classifier import AttributeNet, load_classifier
 from facelab.models.pretrained import fingerprint, load_denoiser, model_fingerprint
@@ -122,21 +122,10 @@ def load_sources(cfg: DictConfig, denoiser: Denoiser, grid: list[int]) -> Source
         labels = torch.stack([it["mask"] for it in items])
         names = [f"face{it['name']}" for it in items]
     elif opts.input == "images":
-        if not cfg.gt_path or not Path(cfg.gt_path).is_dir():
-            raise InputError(f"method.input=images needs gt_path=DIR with the images to edit (got {cfg.gt_path})")
-        paths = sorted(p for p in Path(cfg.gt_path).iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
-        if not paths:
-            raise InputError(f"gt_path={cfg.gt_path}: no .png/.jpg images")
-        images = []
-        for p in paths:
-            image = read_image(p)
-            if image.shape[1:] != shape[1:]:
-                raise InputError(f"{p}: {image.shape[2]}x{image.shape[1]} px, the model needs "
-                                 f"{shape[2]}x{shape[1]}; resize the images first")
-            images.append(image)
-        images, labels, names = torch.stack(images).to(device), None, [p.stem for p in paths]
+        names, images = read_image_folder(cfg.gt_path, unet.sample_size)
+        images, labels = images.to(device), None
         if cfg.mask_path:
-            labels = torch.stack([read_mask(Path(cfg.mask_path) / f"{p.stem}.png", shape[1:]) for p in paths])
+            labels = torch.stack([read_mask(Path(cfg.mask_path) / f"{name}.png", shape[1:]) for name in names])
     else:
         raise InputError(f"method.input={opts.input}: use samples, synthetic or images")
     return invert(cfg, denoiser, grid, names, images, labels)

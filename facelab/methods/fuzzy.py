@@ -261,20 +261,21 @@ def psnr(x: Tensor, reference: Tensor, region: Tensor | None = None) -> float | 
     return (10 * torch.log10(4 / squared.mean().clamp(min=1e-12))).item()
 
 
-def ssim(x: Tensor, reference: Tensor, region: Tensor) -> float | None:
-    """Mean of the SSIM map over `region` (pixels of [B, 1, H, W]), on images in [−1, 1]."""
-    if not region.any():
+def ssim(x: Tensor, reference: Tensor, region: Tensor | None = None) -> float | None:
+    """Mean of the SSIM map over `region` (pixels of [B, 1, H, W]; default all), on images in [−1, 1]."""
+    if region is not None and not region.any():
         return None
     _, full = structural_similarity_index_measure(x.clamp(-1, 1), reference, data_range=2.0, return_full_image=True)
-    return full[region.expand_as(full)].mean().item()
+    return full.mean().item() if region is None else full[region.expand_as(full)].mean().item()
 
 
 def correction_metrics(results: dict) -> dict:
-    """PSNR and SSIM against the clean faces inside / outside the degraded pixels, before and after correction."""
+    """PSNR and SSIM against the clean faces inside / outside the degraded pixels and over the whole image, before
+    and after correction."""
     inside = results["degradation"].any(1, keepdim=True)
     metrics = {"degraded_fraction": inside.float().mean().item()}
     for when, key in (("before", "gt_image"), ("after", "inpainted")):
-        for where, region in (("inside", inside), ("outside", ~inside)):
+        for where, region in (("inside", inside), ("outside", ~inside), ("all", None)):
             metrics[f"psnr_{where}_{when}"] = psnr(results[key], results["clean"], region)
             metrics[f"ssim_{where}_{when}"] = ssim(results[key], results["clean"], region)
     return metrics

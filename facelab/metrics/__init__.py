@@ -1,1 +1,1 @@
-"""Metrics over generated sets: attribute fractions, Fairness Discrepancy, Fréchet distances in any features."""
+"""Metrics: attribute fractions, Fairness Discrepancy and Fréchet distances of generated sets; per-image PSNR/SSIM/L1."""

@@ -9,6 +9,8 @@ import torch.nn.functional as F
 from diffusers import DDPMScheduler, UNet2DModel
 
 from facelab.diffusion import Denoiser, Schedule, sample
+from facelab.io.errors import InputError
+from facelab.models.components.attributes import attribute_unet
 from facelab.models.components.ema import EMA
 from facelab.models.components.seeding import keyed_generator
 from facelab.models.pretrained import load_denoiser
@@ -16,6 +18,12 @@ from facelab.models.pretrained import load_denoiser
 
 class PixelDDPM(pl.LightningModule):
     """ε-loss DDPM on images in [-1, 1]. `unet` and `scheduler` are diffusers config dicts.
+
+    `attributes` (names of columns of the batches' `attributes`) makes it attribute-conditional (CycleDiff): the
+    vector y = 2·label − 1 ∈ {−1, 1}^A goes through an AttributeEmbedding added to the time embedding; with probability
+    `label_dropout` a whole row is replaced by the null label 0 (so the model also learns p(x), for classifier-free
+    guidance and for sampling without attributes). Its embedding starts at zero: fine-tuned `init_from` an
+    unconditional model, training starts exactly at that model.
 
     The EMA weights are the ones used for validation, sample grids and export. The loss's noise and timesteps are
     drawn from generators seeded by (`seed`, rank, step, batch): never from the global RNG, so a run resumed from a
@@ -26,33 +34,58 @@ class PixelDDPM(pl.LightningModule):
 
     def __init__(self, unet: dict, scheduler: dict, lr: float = 2e-4, weight_decay: float = 0.0,
                  warmup_steps: int = 200, ema_decay: float = 0.999, image_key: str = "image", seed: int = 0,
-                 init_from: str | None = None):
+                 init_from: str | None = None, attributes: list[str] | None = None, label_dropout: float = 0.0):
         super().__init__()
         self.save_hyperparameters()
-        self.unet = UNet2DModel(**unet)
+        if not 0 <= label_dropout < 1:
+            raise InputError(f"model.label_dropout={label_dropout}: must lie in [0, 1)")
+        self.unet = attribute_unet(unet, attributes) if attributes else UNet2DModel(**unet)
         if init_from:  # fine-tune: start from a trained model's weights (zoo name, diffusers folder or .ckpt)
-            self.unet.load_state_dict(load_denoiser(init_from).unet.state_dict())
+            fresh = {k: v for k, v in self.unet.state_dict().items() if k.startswith("class_embedding.")}
+            try:  # an unconditional source keeps the fresh (zero-output) attribute embedding
+                self.unet.load_state_dict({**fresh, **load_denoiser(init_from).unet.state_dict()})
+            except RuntimeError as err:
+                raise InputError(f"model.init_from={init_from}: its weights do not fit model.unet / model.attributes "
+                                 f"({str(err).splitlines()[0]})") from None
         self.schedule = Schedule.from_config(scheduler)
         self.ema = EMA(self.unet, ema_decay)
+        self.columns: list[int] | None = None
+
+    def setup(self, stage: str) -> None:
+        if self.hparams.attributes:
+            names = list(getattr(self.trainer.datamodule, "attribute_names", []))
+            missing = [a for a in self.hparams.attributes if a not in names]
+            if missing:
+                raise InputError(f"model.attributes {missing} are not in the data's attributes ({names or 'none'})")
+            self.columns = [names.index(a) for a in self.hparams.attributes]
+
+    def condition(self, batch: dict, generator: torch.Generator) -> torch.Tensor | None:
+        """The attribute vectors y ∈ {−1, 1}^A of a batch, each row zeroed with probability label_dropout (None for
+        an unconditional model)."""
+        if self.columns is None:
+            return None
+        y = batch["attributes"][:, self.columns].float() * 2 - 1
+        keep = torch.rand(len(y), 1, device=y.device, generator=generator) >= self.hparams.label_dropout
+        return y * keep
 
     def denoiser(self, ema: bool = True) -> Denoiser:
         return Denoiser(self.ema.module if ema else self.unet, self.schedule)
 
-    def loss(self, unet: torch.nn.Module, x0: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    def loss(self, unet: torch.nn.Module, batch: dict, generator: torch.Generator) -> torch.Tensor:
+        x0 = batch[self.hparams.image_key]
         t = torch.randint(0, self.schedule.num_train_timesteps, (x0.shape[0],), device=x0.device, generator=generator)
         noise = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
         x_t = self.schedule.q_sample(x0, t, noise)
-        return F.mse_loss(unet(x_t, t).sample, noise)
+        return F.mse_loss(unet(x_t, t, class_labels=self.condition(batch, generator)).sample, noise)
 
     def generator(self, *key: int) -> torch.Generator:
         """A generator on the module's device seeded by (seed, rank, *key)."""
         return keyed_generator(self.device, self.hparams.seed, self.global_rank, *key)
 
     def training_step(self, batch, batch_idx):
-        x0 = batch[self.hparams.image_key]
-        loss = self.loss(self.unet, x0, self.generator(0, self.global_step, batch_idx))
+        loss = self.loss(self.unet, batch, self.generator(0, self.global_step, batch_idx))
         # synced: the mean over the global batch, so curves compare across device counts
-        self.log("train/loss", loss, prog_bar=True, sync_dist=True, batch_size=len(x0))
+        self.log("train/loss", loss, prog_bar=True, sync_dist=True, batch_size=len(batch[self.hparams.image_key]))
         return loss
 
     def optimizer_step(self, *args, **kwargs):
@@ -60,9 +93,8 @@ class PixelDDPM(pl.LightningModule):
         self.ema.update(self.unet)  # here, not in on_train_batch_end, so checkpoints taken at this step include it
 
     def validation_step(self, batch, batch_idx):
-        x0 = batch[self.hparams.image_key]
-        loss = self.loss(self.ema.module, x0, self.generator(1, batch_idx))
-        self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=len(x0))
+        loss = self.loss(self.ema.module, batch, self.generator(1, batch_idx))
+        self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=len(batch[self.hparams.image_key]))
 
     def configure_optimizers(self):
         opt = torch.optim.AdamW(self.unet.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
@@ -72,14 +104,16 @@ class PixelDDPM(pl.LightningModule):
 
     @torch.no_grad()
     def sample_images(self, num: int, steps: int = 50, generator: torch.Generator | None = None) -> torch.Tensor:
-        """DDIM(η=0) samples from the EMA weights, in [-1, 1], x̂0 clipped as the scheduler config says."""
+        """DDIM(η=0) samples from the EMA weights, in [-1, 1], x̂0 clipped as the scheduler config says (an
+        attribute-conditional model samples under the null label)."""
         size = self.hparams.unet["sample_size"]
         x = torch.randn(num, self.unet.config.in_channels, size, size, generator=generator, device=self.device)
         return sample(self.denoiser(), self.schedule, x, self.schedule.timesteps(steps), eta=0.0,
                       clip=self.schedule.clip_sample, generator=generator, progress=False)
 
     def export(self, folder: str | Path) -> Path:
-        """Write the EMA UNet and the scheduler as a diffusers folder (unet/, scheduler/)."""
+        """Write the EMA UNet and the scheduler as a diffusers folder (unet/, scheduler/); an attribute-conditional UNet
+        keeps its attribute embedding in the same safetensors file and its attribute names in unet/config.json."""
         folder = Path(folder)
         self.ema.module.save_pretrained(folder / "unet", safe_serialization=True)
         DDPMScheduler.from_config(self.schedule.config).save_pretrained(folder / "scheduler")

@@ -8,10 +8,12 @@ from pathlib import Path
 
 import torch
 from diffusers import UNet2DConditionModel, UNet2DModel
+from safetensors.torch import load_file
 
 from facelab.diffusion import Denoiser, Schedule
 from facelab.io.checkpoints import load_checkpoint
 from facelab.io.errors import InputError
+from facelab.models.components.attributes import attribute_unet
 
 ZOO_DIR = Path(__file__).resolve().parent.parent / "zoo"
 _UNETS = {"UNet2DModel": UNet2DModel, "UNet2DConditionModel": UNet2DConditionModel}
@@ -54,7 +56,15 @@ def _from_folder(folder: Path):
                   if p.is_file()), None)
     if sched is None:
         raise InputError(f"{folder}: no scheduler/scheduler_config.json, so the noise schedule is unknown")
-    unet = _unet_class(sub / "config.json").from_pretrained(sub, low_cpu_mem_usage=False)
+    config = json.loads((sub / "config.json").read_text())
+    if config.get("attributes"):  # attribute-conditional (facelab's AttributeEmbedding as the class embedding)
+        weights = sub / "diffusion_pytorch_model.safetensors"
+        if not weights.is_file():
+            raise InputError(f"{sub}: an attribute-conditional UNet needs its weights in {weights.name}")
+        unet = attribute_unet(config)
+        unet.load_state_dict(load_file(weights))
+    else:
+        unet = _unet_class(sub / "config.json").from_pretrained(sub, low_cpu_mem_usage=False)
     return unet, Schedule.from_config(sched)
 
 
@@ -75,7 +85,8 @@ def _from_lightning(path: Path):
         raise InputError(f"{path}: not a facelab diffusion checkpoint (no unet/scheduler hyper-parameters)")
     prefix = "ema.module." if any(k.startswith("ema.module.") for k in ckpt["state_dict"]) else "unet."
     state = {k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
-    unet = UNet2DModel(**hparams["unet"])
+    unet = attribute_unet(hparams["unet"], hparams["attributes"]) if hparams.get("attributes") else \
+        UNet2DModel(**hparams["unet"])
     unet.load_state_dict(state)
     return unet, Schedule.from_config(hparams["scheduler"])
 
