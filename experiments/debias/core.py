@@ -51,18 +51,21 @@ def main(argv: list[str] | None = None) -> dict:
         rows.append({"target": r, "vanilla": vanilla["fractions"]["Male"][1], "guided": male,
                      "error": abs(male - r), "fd_vanilla": 2 ** 0.5 * abs(vanilla["fractions"]["Male"][1] - r),
                      "fd_guided": metrics[r]["attributes"]["Male"]["fd"],
+                     "hclf_read": metrics[r]["attributes"]["Male"]["hclf_fractions"][1],
+                     "dh_over_h": metrics[r]["dh_norm_mean"] / metrics[r]["h_norm_mean"],
                      "time_ratio": metrics[r]["seconds_per_image"] / vanilla["seconds_per_image"]})
     results = {"samples": args.samples, "seed": args.seed, "scale": args.scale, "rows": rows, "scan": scan,
                "runs": str(root)}
     lines = [f"# Balancing Act, core cells: {args.samples} images, seed {args.seed}, distribution guidance at scale "
              f"{args.scale:g}", "", "Male fraction by the held-out `attr64_eval` on `ddpm64_biased` (DDIM η = 1, 50 "
              "steps, N = 100); FD = ‖target − fractions‖₂.", "",
-             "| target Male | vanilla | guided | error | within ±0.05 | FD vanilla → guided | time × vanilla |",
-             "|---:|---:|---:|---:|:---:|---:|---:|"]
+             "| target Male | vanilla | guided | error | within ±0.05 | FD vanilla → guided | h-classifier's final read "
+             "| mean ‖Δh‖ / ‖h‖ | time × vanilla |", "|---:|---:|---:|---:|:---:|---:|---:|---:|---:|"]
     for row in rows:
         lines.append(f"| {row['target']} | {row['vanilla']:.3f} | {row['guided']:.3f} | {row['error']:.3f} | "
                      f"{'yes' if row['error'] <= TOLERANCE else 'no'} | {row['fd_vanilla']:.3f} → "
-                     f"{row['fd_guided']:.3f} | {row['time_ratio']:.2f} |")
+                     f"{row['fd_guided']:.3f} | {row['hclf_read']:.3f} | {row['dh_over_h']:.2f} | "
+                     f"{row['time_ratio']:.2f} |")
     if scan:
         lines += ["", f"Scale scan: target Male = 0.3, {args.scan_samples} images (seed 100).", "",
                   "| scale | evaluator's Male fraction | h-classifier's read at the last step, before → after the edit "
