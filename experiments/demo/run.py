@@ -22,6 +22,8 @@ SHOWCASES = {
     "directions_pca": ["method=directions", "discover=pca", "num_samples=100", "method.edit_seeds=2",
                        "num_directions=3"],
     "fuzzy_zscore": ["method=fuzzy", "mode=zscore", "self_degrade=true", "num_samples=4"],
+    "debias": ["method=debias", "target.Male=0.5", "num_samples=16", "batch_size=16", "method.real_faces.num=0"],
+    "cyclediff": ["method=cyclediff", "attribute=[Smiling,Eyeglasses,reconstruction]", "num_samples=2"],
 }
 
 
