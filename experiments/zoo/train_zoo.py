@@ -30,6 +30,11 @@ ZOO = {  # zoo name -> training experiment
     "ddpm64_biased": "zoo_ddpm64_biased",
     "cyclediff64": "cyclediff_ddpm",      # attribute-conditional, fine-tuned from ddpm64 (method=cyclediff)
     "attr64_noisy": "attr_clf_noisy",     # noise-aware guidance classifier for method=cyclediff
+    "vae64": "vae",                       # method=codiff: the shared KL autoencoder (64 px -> 3x16x16 latents),
+    "ldm_mask64": "ldm_mask",             # the mask- and text-conditioned latent DDPMs on it (frozen MiniLM text
+    "ldm_text64": "ldm_text",             # encoder), then the dynamic diffusers mixing them;
+    "codiff64": "codiff_mask_text",
+    "parser64": "parser",                 # and the held-out face parser that scores mask consistency
 }
 # What else each zoo model ships, computed from the installed model, in order: (module, overrides, install), where
 # install = (folder the run exports, its place in the zoo model's folder) or None (the run writes its output itself).
@@ -76,19 +81,21 @@ def train(name: str, overrides: list[str]) -> None:
 
     target = ROOT / "facelab" / "zoo" / name
     shutil.rmtree(target, ignore_errors=True)
-    exported = next(run_dir / d for d in ("diffusers", "classifier") if (run_dir / d).is_dir())
+    exported = next(run_dir / d for d in ("diffusers", "classifier", "parser") if (run_dir / d).is_dir())
     shutil.copytree(exported, target)
-    weights = next(p for p in (target / "unet" / "diffusion_pytorch_model.safetensors", target / "model.safetensors")
-                   if p.is_file())
-    store_half(weights)
+    weights = sorted(target.rglob("*.safetensors"))
+    for path in weights:
+        store_half(path)
     ckpt = torch.load(last, map_location="cpu", weights_only=True)
-    params = sum(v.numel() for k, v in ckpt["state_dict"].items() if k.startswith(("unet.", "net.")))
+    trained = ("unet.", "net.", "vae.", "encoder.", "diffusers.")
+    params = sum(v.numel() for k, v in ckpt["state_dict"].items() if k.startswith(trained))
     recipe = {
-        "experiment": ZOO[name], "overrides": overrides, "global_steps": ckpt["global_step"],
-        "parameters": params, "weights_mb": round(weights.stat().st_size / 1e6, 1), "train_wall_seconds": round(spent), "device": torch.cuda.get_device_name()
+        "experiment": ZOO[name], "overrides": overrides, "global_steps": ckpt["global_step"], "parameters": params,
+        "weights_mb": round(sum(p.stat().st_size for p in weights) / 1e6, 1), "train_wall_seconds": round(spent),
+        "device": torch.cuda.get_device_name()
         if torch.cuda.is_available() else f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)",
         "final_metrics": last_logged(sorted((run_dir / "csv").glob("*/metrics.csv")),
-                                     ("train/loss", "val/loss", "val/acc")),
+                                     ("train/loss", "val/loss", "val/acc", "val/psnr", "val/pixel_acc", "val/miou")),
     }
     (target / "recipe.json").write_text(json.dumps(recipe, indent=2))
     print(json.dumps(recipe, indent=2))

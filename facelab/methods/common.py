@@ -1,6 +1,8 @@
 """Pieces every method composes: device, generators, the configured sampler and guidance terms."""
 from __future__ import annotations
 
+import time
+
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
@@ -13,6 +15,13 @@ def device_of(cfg: DictConfig) -> torch.device:
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     return torch.device(name)
+
+
+def clock(device: torch.device) -> float:
+    """perf_counter after the device's queued work (timings of GPU runs)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
 
 
 def generator(seed: int, device: torch.device, stream: int = 0) -> torch.Generator:

@@ -50,7 +50,7 @@ from facelab.guidance.cyclediff import (
 from facelab.io.errors import InputError
 from facelab.io.grids import save_grid
 from facelab.io.images import read_image_folder, resize_images, save_image
-from facelab.methods.common import device_of, guidance_terms, sampler_timesteps
+from facelab.methods.common import clock, device_of, guidance_terms, sampler_timesteps
 from facelab.metrics.images import l1, psnr, ssim
 from facelab.models.classifier import AttributeNet, load_classifier
 from facelab.models.components.seeding import keyed_generator
@@ -338,13 +338,6 @@ def edit_faces(cfg: DictConfig, denoiser: Denoiser, grid: list[int], edits: dict
     result.edits = {name: torch.cat(batches) for name, batches in result.edits.items()}
     result.previews = {name: torch.cat(batches) for name, batches in result.previews.items()}
     return result
-
-
-def clock(device: torch.device) -> float:
-    """perf_counter after the device's queued work (timings of GPU runs)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter()
 
 
 def start_point(cfg: DictConfig, denoiser: Denoiser, grid: list[int], x_src: Tensor, y_src: Tensor, key, clip: bool):
