@@ -1,7 +1,10 @@
 """Collaborative Diffusion: the combination rule, the dynamic diffusers, export/loading and method=codiff / ldm."""
 import json
 import math
+import os
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -9,7 +12,7 @@ import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from PIL import Image
 
-from conftest import compose, run_cli
+from conftest import ROOT, compose, run_cli
 from facelab.diffusion import Schedule
 from facelab.diffusion.collab import CollaborativeDenoiser, Reweight, influence, mix
 from facelab.io.errors import InputError
@@ -295,3 +298,27 @@ def test_train_cli_then_sample_codiff_and_ldm(stages, tmp_path):
     folder = ldm / "samples" / "none" / "this_man_is_smiling_he_has_black_hair_he_wears_a_hat"
     first, second = (np.asarray(Image.open(folder / f"00000{i}_x_0.png")) for i in (0, 1))
     assert np.array_equal(first, second)  # the same x_T and η = 0: the same image
+
+
+def test_zoo_codiff_runs_offline_and_the_evaluation_scores_it(tmp_path):
+    """The shipped models: `method=codiff` with its defaults (the packaged mask and caption), then a tiny evaluation
+    whose real-face ceiling shows the evaluators work (the parser and classifier read the real faces near-perfectly)."""
+    out = tmp_path / "run"
+    res = run_cli("sample", "method=codiff", "num_samples=2", "batch_size=2", "sampler.steps=3", "progress=false",
+                  f"hydra.run.dir={out}")
+    assert res.returncode == 0, res.stderr[-3000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["modalities"] == ["mask", "text"] and metrics["network_calls"] == 3 * 4
+    assert len(list((out / metrics["outputs"]).glob("*_x_0.png"))) == 2
+
+    res = subprocess.run([sys.executable, "experiments/codiff/evaluate.py", "--faces", "4", "--steps", "2",
+                          "--batch-size", "4", "--out", str(tmp_path / "eval")], cwd=ROOT, capture_output=True,
+                         text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    results = json.loads((tmp_path / "eval" / "results.json").read_text())
+    ceiling = results["runs"]["real faces (ceiling)"]
+    assert ceiling["pixel_acc"] > 0.95 and ceiling["caption_acc"] > 0.9
+    assert set(results["runs"]) == {"real faces (ceiling)", "mask-only", "text-only", "codiff, learned",
+                                    "codiff, paper (default)", "average of the two ε"}
+    assert len(results["learned_mask_influence_in_face"]["I_mask"]) == 2
+    assert (tmp_path / "eval" / "figures" / "samples.png").is_file()

@@ -71,7 +71,7 @@ def generate(collab: CollaborativeDenoiser, conds: list[dict], n: int, grid: lis
     collab.records.clear()
     start = time.perf_counter()
     z0 = sample(collab, collab.schedule, z, grid, eta=1.0, generator=generator(seed, 1), cond=conds, final=0,
-                progress=False)
+                clip=collab.schedule.clip_sample, progress=False)
     images = collab.decode(z0).clamp(-1, 1)
     return images, time.perf_counter() - start, list(collab.records)
 

@@ -24,6 +24,7 @@ SHOWCASES = {
     "fuzzy_zscore": ["method=fuzzy", "mode=zscore", "self_degrade=true", "num_samples=4"],
     "debias": ["method=debias", "target.Male=0.5", "num_samples=16", "batch_size=16", "method.real_faces.num=0"],
     "cyclediff": ["method=cyclediff", "attribute=[Smiling,Eyeglasses,reconstruction]", "num_samples=2"],
+    "codiff": ["method=codiff", "num_samples=8", "batch_size=8", "return_influence_function=true"],
 }
 
 

@@ -177,7 +177,7 @@ def run_batches(cfg: DictConfig, collab: CollaborativeDenoiser, inputs: Inputs, 
     collab.generator = generator(cfg.seed, device, REWEIGHT_STREAM)
     collab.record = collab.diffusers is not None
     values = [inputs.value(model.modality) for model in collab.models]
-    clip = False if cfg.sampler.clip is None else bool(cfg.sampler.clip)  # latents: no x̂0 clipping by default
+    clip = schedule.clip_sample if cfg.sampler.clip is None else bool(cfg.sampler.clip)
     result, images, latents, learned, weights = Sampled(), [], [], [], []
     for first in range(0, cfg.num_samples, cfg.batch_size):
         n = min(cfg.batch_size, cfg.num_samples - first)

@@ -194,7 +194,7 @@ class DynamicDiffusers(pl.LightningModule):
         z = torch.randn(len(batch[self.hparams.image_key]), *collab.models[0].latent_shape, generator=generator,
                         device=self.device)
         z = sample(collab, self.schedule, z, ldm_timesteps(self.schedule, steps), eta=SAMPLE_ETA, final=0,
-                   cond=self.conditions(batch), generator=generator, progress=False)
+                   cond=self.conditions(batch), clip=self.schedule.clip_sample, generator=generator, progress=False)
         return collab.decode(z)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:

@@ -139,11 +139,13 @@ class LatentDDPM(pl.LightningModule):
 
     @torch.no_grad()
     def sample_images(self, num: int, steps: int = 50, generator: torch.Generator | None = None) -> torch.Tensor:
-        """DDIM(η=0) samples of the EMA model under the first validation faces' conditions, decoded to [-1, 1]."""
+        """DDIM(η=1, as Collaborative Diffusion samples) of the EMA model under the first validation faces'
+        conditions, x̂0 clamped as the scheduler config says, decoded to [-1, 1]."""
         model = self.latent_model()
         z = torch.randn(num, *model.latent_shape, generator=generator, device=self.device)
-        z = sample(model.denoiser, self.schedule, z, self.schedule.timesteps(steps), eta=0.0,
-                   cond=model.condition(self.preview_values(num)), generator=generator, progress=False)
+        z = sample(model.denoiser, self.schedule, z, self.schedule.timesteps(steps), eta=1.0,
+                   cond=model.condition(self.preview_values(num)), clip=self.schedule.clip_sample,
+                   generator=generator, progress=False)
         return model.decode(z)
 
     def export(self, folder: str | Path) -> Path:
