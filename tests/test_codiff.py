@@ -288,14 +288,14 @@ def test_train_cli_then_sample_codiff_and_ldm(stages, tmp_path):
     assert "influence.png" in html and "grid.png" in html
 
     ldm = tmp_path / "ldm"
-    long = CAPTION + " He wears a hat."
+    text = ["method=ldm", f"method.models.text={stages['text']}", "num_samples=2", "sampler.steps=2", "progress=false"]
+    with pytest.raises(InputError, match="5 WordPiece tokens beyond the 12"):
+        run_sample(compose("sample", [*text, f"text={CAPTION} He wears a hat."], tmp_path / "long"))
     np.save(tmp_path / "x_T.npy", np.zeros((3, 8, 8), np.float32))  # one fixed start for every sample
-    metrics = run_sample(compose("sample", ["method=ldm", f"method.models.text={stages['text']}", f"text={long}",
-                                            f"x_T={tmp_path / 'x_T.npy'}", "sampler.eta=0", "num_samples=2",
-                                            "sampler.steps=2", "progress=false"], ldm))
-    assert metrics["network_calls"] == 2 and metrics["modalities"] == ["text"]
-    assert metrics["warnings"] == ["text: 5 WordPiece tokens beyond the encoder's 12 are dropped"]
-    folder = ldm / "samples" / "none" / "this_man_is_smiling_he_has_black_hair_he_wears_a_hat"
+    metrics = run_sample(compose("sample", [*text, f"text={CAPTION}", f"x_T={tmp_path / 'x_T.npy'}", "sampler.eta=0"],
+                                 ldm))
+    assert metrics["network_calls"] == 2 and metrics["modalities"] == ["text"] and metrics["warnings"] == []
+    folder = ldm / "samples" / "none" / "this_man_is_smiling_he_has_black_hair"
     first, second = (np.asarray(Image.open(folder / f"00000{i}_x_0.png")) for i in (0, 1))
     assert np.array_equal(first, second)  # the same x_T and η = 0: the same image
 

@@ -108,15 +108,18 @@ def read_inputs(cfg: DictConfig, collab: CollaborativeDenoiser) -> Inputs:
 
 
 def check_condition(model, inputs: Inputs) -> list[str]:
-    """Warnings: mask classes that vanish at the encoder's mask resolution, caption tokens beyond its length."""
+    """Warnings: mask classes that vanish at the encoder's mask resolution. A caption longer than the encoder reads is
+    an error (the original silently cut it)."""
     if model.modality == "mask":
         size = model.encoder.mask_size
         gone = sorted(set(inputs.mask.unique().tolist()) - set(resize_mask(inputs.mask, size).unique().tolist()))
         return [f"mask: {', '.join(SEG_CLASSES[c] for c in gone)} not visible at the {size}×{size} the mask encoder "
                 "reads (nearest resize)"] if gone else []
     dropped = model.encoder.tokens_dropped([inputs.text])[0]
-    return [f"text: {dropped} WordPiece tokens beyond the encoder's {model.encoder.max_length} are dropped"
-            ] if dropped else []
+    if dropped:
+        raise InputError(f"text: {dropped} WordPiece tokens beyond the {model.encoder.max_length} the text encoder "
+                         "reads; shorten the caption")
+    return []
 
 
 def read_start(path: str, num: int, shape: tuple[int, ...]) -> Tensor:
