@@ -23,7 +23,6 @@ input's own, the baseline), PSNR/L1 to the input for `reconstruction`, time and 
 from __future__ import annotations
 
 import csv
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
