@@ -14,7 +14,7 @@ from pathlib import Path
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from facelab.diffusion import Schedule
@@ -148,32 +148,11 @@ class AttributeClassifier(pl.LightningModule):
 
 def load_classifier(source: str | Path, device: str | torch.device = "cpu") -> AttributeNet:
     """An AttributeNet in eval mode from a zoo name, an exported folder or a Lightning .ckpt (never unpickled)."""
-    from facelab.io.checkpoints import load_checkpoint
-    from facelab.models.pretrained import ZOO_DIR
+    from facelab.models.pretrained import load_plain_model
 
-    path = Path(str(source)).expanduser()
-    if not path.exists() and (ZOO_DIR / str(source) / "config.json").is_file():
-        path = ZOO_DIR / str(source)
-    if path.suffix == ".ckpt":
-        ckpt = load_checkpoint(path)
-        hp = ckpt.get("hyper_parameters", {})
-        if "attributes" not in hp:
-            raise InputError(f"{path}: not an attribute-classifier checkpoint")
-        net = AttributeNet(hp["attributes"], hp.get("categorical"), tuple(hp["channels"]), hp["noise_aware"],
-                           hp["image_size"])
-        state = {k[4:]: v for k, v in ckpt["state_dict"].items() if k.startswith("net.")}
-        meta = {"scheduler": hp.get("scheduler"), "data_identity": hp.get("data_identity")}
-    elif (path / "config.json").is_file():
-        config = json.loads((path / "config.json").read_text())
-        if config.get("_class_name") != "AttributeNet":
-            raise InputError(f"{path}: not an attribute classifier (config _class_name={config.get('_class_name')})")
-        net = AttributeNet(config["attributes"], config.get("categorical"), tuple(config["channels"]),
-                           config["noise_aware"], config["image_size"])
-        state = load_file(path / "model.safetensors")
-        meta = {"scheduler": config.get("scheduler"), "data_identity": config.get("data_identity")}
-    else:
-        raise InputError(f"classifier {source}: not a zoo classifier, an exported folder (config.json + "
-                         "model.safetensors) or a .ckpt")
-    net.load_state_dict({k: v.float() for k, v in state.items()})
-    net.source, net.meta = str(source), meta
-    return net.to(device).eval().requires_grad_(False)
+    def build(config: dict) -> AttributeNet:
+        return AttributeNet(config["attributes"], config.get("categorical"), tuple(config["channels"]),
+                            config["noise_aware"], config["image_size"])
+
+    return load_plain_model(source, "attribute classifier", "AttributeNet", "attributes", build,
+                            ("scheduler", "data_identity"), device)

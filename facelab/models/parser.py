@@ -15,7 +15,7 @@ from pathlib import Path
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor
 
 from facelab.data.synthetic import SEG_CLASSES
@@ -130,30 +130,9 @@ def class_weights(masks: Tensor, num_classes: int, power: float) -> Tensor:
 
 def load_parser(source: str | Path, device: str | torch.device = "cpu") -> ParserNet:
     """A ParserNet in eval mode from a zoo name, an exported folder or a Lightning .ckpt (never unpickled)."""
-    from facelab.io.checkpoints import load_checkpoint
-    from facelab.models.pretrained import ZOO_DIR
+    from facelab.models.pretrained import load_plain_model
 
-    path = Path(str(source)).expanduser()
-    if not path.exists() and (ZOO_DIR / str(source) / "config.json").is_file():
-        path = ZOO_DIR / str(source)
-    if path.suffix == ".ckpt":
-        ckpt = load_checkpoint(path)
-        hp = ckpt.get("hyper_parameters", {})
-        if "class_weight_power" not in hp:
-            raise InputError(f"{path}: not a face-parser checkpoint")
-        net = ParserNet(tuple(hp["channels"]), hp["image_size"])
-        state = {k[4:]: v for k, v in ckpt["state_dict"].items() if k.startswith("net.")}
-        meta = {"data_identity": hp.get("data_identity")}
-    elif (path / "config.json").is_file():
-        config = json.loads((path / "config.json").read_text())
-        if config.get("_class_name") != "ParserNet":
-            raise InputError(f"{path}: not a face parser (config _class_name={config.get('_class_name')})")
-        net = ParserNet(tuple(config["channels"]), config["image_size"], config["classes"])
-        state = load_file(path / "model.safetensors")
-        meta = {"data_identity": config.get("data_identity")}
-    else:
-        raise InputError(f"parser {source}: not a zoo parser, an exported folder (config.json + model.safetensors) "
-                         "or a .ckpt")
-    net.load_state_dict({k: v.float() for k, v in state.items()})
-    net.source, net.meta = str(source), meta
-    return net.to(device).eval().requires_grad_(False)
+    def build(config: dict) -> ParserNet:
+        return ParserNet(tuple(config["channels"]), config["image_size"], config.get("classes"))
+
+    return load_plain_model(source, "face parser", "ParserNet", "class_weight_power", build, ("data_identity",), device)

@@ -92,6 +92,37 @@ def _from_lightning(path: Path):
 
 
 
+def load_plain_model(source: str | Path, kind: str, class_name: str, marker: str, build,
+                     meta_keys: tuple[str, ...], device: str | torch.device = "cpu") -> torch.nn.Module:
+    """A plain-folder model (config.json with `_class_name` + model.safetensors; classifiers, parsers) in eval mode
+    from a zoo name, an exported folder or a Lightning .ckpt whose module keeps it as `net` (never unpickled).
+
+    build(config) makes the net from the folder's config or the checkpoint's hyper-parameters (same keys); the
+    net gets `source` and `meta` (the config's `meta_keys`); `marker` is a hyper-parameter only such checkpoints have.
+    """
+    path = Path(str(source)).expanduser()
+    if not path.exists() and (ZOO_DIR / str(source) / "config.json").is_file():
+        path = ZOO_DIR / str(source)
+    if path.suffix == ".ckpt":
+        ckpt = load_checkpoint(path)
+        config = ckpt.get("hyper_parameters", {})
+        if marker not in config:
+            raise InputError(f"{path}: not a {kind} checkpoint")
+        state = {k[4:]: v for k, v in ckpt["state_dict"].items() if k.startswith("net.")}
+    elif (path / "config.json").is_file():
+        config = json.loads((path / "config.json").read_text())
+        if config.get("_class_name") != class_name:
+            raise InputError(f"{path}: not a {kind} (config _class_name={config.get('_class_name')})")
+        state = load_file(path / "model.safetensors")
+    else:
+        raise InputError(f"{kind} {source}: not a zoo {kind.split()[-1]}, an exported folder (config.json + "
+                         "model.safetensors) or a .ckpt")
+    net = build(config)
+    net.load_state_dict({k: v.float() for k, v in state.items()})
+    net.source, net.meta = str(source), {key: config.get(key) for key in meta_keys}
+    return net.to(device).eval().requires_grad_(False)
+
+
 def _digest(module: torch.nn.Module, digest):
     for name, tensor in sorted(module.state_dict().items()):
         digest.update(name.encode())
