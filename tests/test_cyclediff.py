@@ -122,6 +122,22 @@ def test_label_dropout_replaces_whole_rows_by_the_null_label(dropout):
     assert abs(dropped.float().mean().item() - dropout) < 0.03
 
 
+@pytest.mark.parametrize("scale", [1.0, 10.0])
+def test_embedding_learns_at_its_own_rate(scale):
+    """Adam's first step moves every weight by ≈ its learning rate: the embedding's is lr × embedding_lr_scale."""
+    model = PixelDDPM(unet=TINY_UNET, scheduler={"num_train_timesteps": 1000}, attributes=ATTRS, lr=1e-3,
+                      warmup_steps=1, embedding_lr_scale=scale)
+    opt = model.configure_optimizers()["optimizer"]
+    embedding, conv = model.unet.class_embedding.linear_1.weight, model.unet.conv_in.weight
+    before = embedding.detach().clone(), conv.detach().clone()
+    x, y = torch.randn(4, 3, 16, 16), torch.tensor([[1.0, -1, 1, -1]] * 4)
+    model.unet.class_embedding.linear_2.weight.data.normal_()  # so that the first layer gets a gradient
+    model.unet(x, torch.tensor([10, 200, 500, 900]), class_labels=y).sample.pow(2).mean().backward()
+    opt.step()
+    moved = [(after.detach() - b).abs().max().item() for after, b in zip((embedding, conv), before)]
+    assert moved[0] == pytest.approx(1e-3 * scale, rel=0.01) and moved[1] == pytest.approx(1e-3, rel=0.01)
+
+
 def test_train_export_and_load_the_conditional_model(tmp_path, tiny_model_dir):
     out = tmp_path / "run"
     cfg = compose("train", ["+experiment=cyclediff_ddpm", "trainer.max_steps=2", *TINY_TRAIN,

@@ -23,7 +23,8 @@ class PixelDDPM(pl.LightningModule):
     vector y = 2·label − 1 ∈ {−1, 1}^A goes through an AttributeEmbedding added to the time embedding; with probability
     `label_dropout` a whole row is replaced by the null label 0 (so the model also learns p(x), for classifier-free
     guidance and for sampling without attributes). Its embedding starts at zero: fine-tuned `init_from` an
-    unconditional model, training starts exactly at that model.
+    unconditional model, training starts exactly at that model; `embedding_lr_scale` lets it learn faster than the
+    pretrained rest (the labels' share of the loss is small, so at the base rate it stays near zero for long).
 
     The EMA weights are the ones used for validation, sample grids and export. The loss's noise and timesteps are
     drawn from generators seeded by (`seed`, rank, step, batch): never from the global RNG, so a run resumed from a
@@ -34,7 +35,8 @@ class PixelDDPM(pl.LightningModule):
 
     def __init__(self, unet: dict, scheduler: dict, lr: float = 2e-4, weight_decay: float = 0.0,
                  warmup_steps: int = 200, ema_decay: float = 0.999, image_key: str = "image", seed: int = 0,
-                 init_from: str | None = None, attributes: list[str] | None = None, label_dropout: float = 0.0):
+                 init_from: str | None = None, attributes: list[str] | None = None, label_dropout: float = 0.0,
+                 embedding_lr_scale: float = 1.0):
         super().__init__()
         self.save_hyperparameters()
         if not 0 <= label_dropout < 1:
@@ -97,7 +99,12 @@ class PixelDDPM(pl.LightningModule):
         self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=len(batch[self.hparams.image_key]))
 
     def configure_optimizers(self):
-        opt = torch.optim.AdamW(self.unet.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        # the attribute embedding may learn faster than the (pretrained) rest: its signal in the loss is small
+        embedding = [p for n, p in self.unet.named_parameters() if n.startswith("class_embedding.")]
+        rest = [p for n, p in self.unet.named_parameters() if not n.startswith("class_embedding.")]
+        groups = [{"params": rest}] + ([{"params": embedding, "lr": self.hparams.lr * self.hparams.embedding_lr_scale}]
+                                       if embedding else [])
+        opt = torch.optim.AdamW(groups, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
         warmup = max(1, self.hparams.warmup_steps)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / warmup))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
