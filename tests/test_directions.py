@@ -4,14 +4,19 @@ import pytest
 import torch
 from diffusers import UNet2DModel
 
+from omegaconf import OmegaConf
+
 from conftest import TINY_UNET, run_cli
+from facelab.data.synthetic import SEG, SEG_CLASSES
 from facelab.diffusion import Denoiser, Schedule, sample
 from facelab.directions import discover as maths
 from facelab.directions.files import Directions
 from facelab.directions.trajectory import run_trajectory, seed_noise
 from facelab.guidance.hedit import HEdit
 from facelab.io.errors import InputError
+from facelab.methods.directions import Sources, region_classes, region_mask
 from facelab.models.classifier import AttributeClassifier
+from facelab.models.parser import FaceParser, ParserNet
 
 SCHEDULE = Schedule.from_config({"num_train_timesteps": 1000, "beta_schedule": "linear"})
 
@@ -28,6 +33,15 @@ def tiny_classifier(tmp_path_factory):
     folder = tmp_path_factory.mktemp("clf")
     AttributeClassifier(["Male", "Smiling", "Young"], {"skin_tone": 3}, channels=(8, 16), image_size=16).export(folder)
     return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_parser(tmp_path_factory):
+    """An exported 8 px parser (the model makes 16 px) whose output bias makes every pixel `mouth`."""
+    parser = FaceParser(channels=(8, 16), image_size=8)
+    with torch.no_grad():
+        parser.net.out.bias[SEG["mouth"]] = 100.0
+    return parser.export(tmp_path_factory.mktemp("parser"))
 
 
 def test_pca_matches_svd_reference():
@@ -172,11 +186,43 @@ def test_cli_supervised_conditional_and_real_images(tmp_path, tiny_model_dir, ti
     assert d.meta["params"]["condition"] == ["Male"] and len(d) == 2
 
 
+def test_region_mask_from_parser_is_the_union_of_the_region_classes():
+    names = [["mouth", "u_lip", "skin", "l_eye"], ["l_lip", "hair", "r_eye", "background"],
+             ["nose", "mouth", "l_brow", "hair"], ["neck", "cloth", "r_brow", "skin"]]
+    parser = ParserNet((8,), image_size=4, classes=SEG_CLASSES[::-1])  # numbered unlike the ground truth
+    own = torch.tensor([[parser.classes.index(n) for n in row] for row in names])
+    parser.forward = lambda x: torch.nn.functional.one_hot(own, 19).permute(2, 0, 1)[None].float()  # set logits
+    sources = Sources(["seed7"], torch.zeros(1, 3, 4, 4), torch.zeros(2, 1, 3, 4, 4), 1.0)
+    for region, wanted in [("mouth", {"mouth", "u_lip", "l_lip"}), (["eye", "hair"], {"l_eye", "r_eye", "hair"}),
+                           ("brow", {"l_brow", "r_brow"}), ("skin", {"skin"})]:
+        cfg = OmegaConf.create({"region": region, "method": {"input": "samples", "parser": "stub"}})
+        mask, origin = region_mask(cfg, sources, region_classes(cfg), parser, torch.zeros(3, 4, 4))
+        expected = torch.tensor([[[float(n in wanted) for n in row] for row in names]])
+        assert origin == "parser:stub" and torch.equal(mask, expected), region
+    cfg = OmegaConf.create({"region": "eyeglasses", "method": {"input": "samples", "parser": "stub"}})
+    with pytest.raises(InputError, match="region=eyeglasses: parser:stub finds no such pixels on seed7"):
+        region_mask(cfg, sources, region_classes(cfg), parser, torch.zeros(3, 4, 4))
+
+
+def test_cli_jacobian_region_on_samples_uses_the_parser(tmp_path, tiny_model_dir, tiny_parser):
+    run = tmp_path / "jac"
+    result = run_cli("sample", "method=directions", "discover=jacobian", "region=mouth", f"method.parser={tiny_parser}",
+                     "method.num_eigvecs=2", "method.max_iters=3", "num_directions=1", "scales=[0,1]",
+                     f"model.pretrained={tiny_model_dir}", *TINY, f"hydra.run.dir={run}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    d = Directions.load(run / "directions.safetensors")
+    assert d.meta["params"]["mask"] == f"parser:{tiny_parser}" and d.meta["params"]["source"] == "seed0"
+    assert json.loads((run / "metrics.json").read_text())["mask"] == f"parser:{tiny_parser}"
+    assert (run / "masked_source.png").is_file()
+
+
 @pytest.mark.parametrize("overrides, message", [
     (["discover=pca", "scales=[a,b]"], "give numbers"),
     (["discover=jacobian", "region=nostril", "method.input=synthetic"], "region=nostril"),
-    (["discover=jacobian", "region=mouth"], "label maps"),
+    (["discover=jacobian", "region=mouth", "method.parser=null"], "label maps"),
     (["discover=supervised", "attribute=Laughing"], "Laughing"),
+    (["discover=conditional", "attribute=Smiling", "condition=[Laughing]"], "condition=[Laughing]: the classifier"),
+    (["apply=missing.safetensors", "index=1.5"], "index=1.5: give direction numbers"),
     (["discover=umap"], "discover=umap"),
     ([], "needs discover="),
 ])

@@ -14,7 +14,7 @@ the renderer's counterfactual of the same face with the attribute flipped:
   3. the start point: original (x_T := the image), sdedit, ddim_inversion, edit_friendly (η = 1);
   4. time per edit: DDPM on the 1000-step grid (--ddpm-steps) vs the fast default, all else equal, and the
      original's preset (method=cyclediff_reference: DDPM-1000 from the image itself as x_999, its λ), on the first
-     --timing-faces faces, one batch each, measured side by side: seconds and network calls per edit (and per face
+     --timing-faces faces and --timing-attributes, one batch each, measured side by side: seconds and network calls per edit (and per face
      for the inversion), the speed-up, and each run's flip/preservation/PSNR.
 Targets (issue #7): the fast default edits at least as well as DDPM-1000 at ≥ 10× less time; the cycle loss
 measurably improves preservation. Every cell is one ordinary facelab run (run_sample) under --runs (default
@@ -74,19 +74,22 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--attributes", nargs="+", help=f"attributes to edit (default {' '.join(editable)}; --quick "
                                                         "Smiling Eyeglasses Male)")
     parser.add_argument("--faces", type=int, help="faces per cell (default 200; --quick 16)")
-    parser.add_argument("--timing-faces", type=int, help="faces of the DDPM-1000 comparison (default 16; --quick 2)")
+    parser.add_argument("--timing-faces", type=int, help="faces of the DDPM-1000 comparison (default 16; --quick 8)")
+    parser.add_argument("--timing-attributes", nargs="+", help="edits of the DDPM-1000 comparison (default all of "
+                                                               "--attributes; --quick Eyeglasses)")
     parser.add_argument("--batch-size", type=int, default=50)
     parser.add_argument("--steps", type=int, default=50, help="DDIM steps of the fast default")
     parser.add_argument("--ddpm-steps", type=int, default=1000, help="steps of the original's DDPM preset")
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--quick", action="store_true", help="a first look: 16 faces, 3 attributes, 2 timing faces")
+    parser.add_argument("--quick", action="store_true", help="a first look: 16 faces, 3 attributes, 8 timing faces")
     parser.add_argument("--runs", type=Path, help="run folder (default outputs/experiments/cyclediff/<time>); finished "
                                                   "cells of an earlier invocation are reused")
     parser.add_argument("--out", type=Path, default=HERE, help="where results.json and results.md go")
     args = parser.parse_args(argv)
     args.attributes = args.attributes or (["Smiling", "Eyeglasses", "Male"] if args.quick else editable)
     args.faces = args.faces or (16 if args.quick else 200)
-    args.timing_faces = args.timing_faces or (2 if args.quick else 16)
+    args.timing_faces = args.timing_faces or (8 if args.quick else 16)
+    args.timing_attributes = args.timing_attributes or (["Eyeglasses"] if args.quick else args.attributes)
     return args
 
 
@@ -105,7 +108,8 @@ def main(argv: list[str] | None = None) -> dict:
         *faces, f"method.start={start}", *(["sampler.eta=1"] if start == "edit_friendly" else [])]) for start in STARTS}
     # timing: one batch of the same faces each, run side by side: the default with DDPM on the 1000-step grid, the
     # default (DDIM), and the original's preset (DDPM-1000 from the image itself, its λ)
-    few = [f"num_samples={args.timing_faces}", f"batch_size={args.timing_faces}", edits]
+    few = [f"num_samples={args.timing_faces}", f"batch_size={args.timing_faces}",
+           f"attribute=[{','.join(args.timing_attributes)}]"]
     ddpm = timing(cells("timing_ddpm", [*few, "sampler=ddpm", f"sampler.steps={args.ddpm_steps}"]))
     ddim = timing(cells("timing_ddim", [*few, f"sampler.steps={args.steps}"]))
     reference = timing(cells("timing_reference", [*few, f"sampler.steps={args.ddpm_steps}"],

@@ -1,7 +1,9 @@
 """`method=directions`: discover semantic directions in h-space and apply them to sampled or real faces.
 
   discover=pca          per-step PCA of h over `num_samples` samples (method.pca=joint: one PCA over all steps)
-  discover=jacobian     top singular vectors of the (region-masked) ε Jacobian w.r.t. h along one face's own trajectory
+  discover=jacobian     top singular vectors of the (region-masked) ε Jacobian w.r.t. h along one face's own trajectory;
+                        the region comes from ground-truth label maps, mask_path, or else the face parser
+                        `method.parser` run on the face (a sample's own final image)
   discover=supervised   mean h of the top minus the bottom `num_examples` of an indexed set scored by a classifier
   discover=conditional  the supervised direction with the `condition` directions projected out exactly
   apply=FILE            decode with Δh_t = scale·direction_t added at every step, same x_T and per-step noise
@@ -34,6 +36,7 @@ from facelab.io.grids import save_grid
 from facelab.io.images import read_image_folder, read_mask, save_image
 from facelab.methods.common import device_of
 from facelab.models.classifier import AttributeNet, load_classifier
+from facelab.models.parser import ParserNet, load_parser
 from facelab.models.pretrained import fingerprint, load_denoiser, model_fingerprint
 
 DISCOVER = ("pca", "jacobian", "supervised", "conditional")
@@ -55,6 +58,7 @@ def run(cfg: DictConfig, out: Path, gallery) -> dict:
     if not cfg.discover and not cfg.apply:
         raise InputError("method=directions needs discover=pca|jacobian|supervised|conditional or apply=FILE")
     scales = check_scales(cfg.scales)
+    indices = check_indices(cfg.index) if cfg.apply else []
     device = device_of(cfg)
     denoiser = load_denoiser(cfg.model.pretrained, device)
     if opts.clip is None:
@@ -74,7 +78,6 @@ def run(cfg: DictConfig, out: Path, gallery) -> dict:
     else:
         directions = Directions.load(cfg.apply)
         directions.check(model["fingerprint"], opts.h_space, grid, cfg.apply)
-        indices = [int(i) for i in cfg.index] if isinstance(cfg.index, (list, ListConfig)) else [int(cfg.index)]
     scales = scales or NATURAL_SCALES[directions.meta.get("method", "pca")]
     start = time.perf_counter()
     metrics |= apply_directions(cfg, denoiser, grid, directions, indices, scales, sources, out, gallery)
@@ -92,6 +95,14 @@ def check_scales(scales) -> list[float] | None:
     except (TypeError, ValueError):
         raise InputError(f"scales={OmegaConf.to_container(scales) if isinstance(scales, ListConfig) else scales}: "
                          "give numbers, e.g. scales=[-5,0,5]") from None
+
+
+def check_indices(index) -> list[int]:
+    values = list(index) if isinstance(index, (list, ListConfig, tuple)) else [index]
+    if not all(isinstance(i, int) and not isinstance(i, bool) for i in values):  # no silent int(1.5) = 1
+        shown = OmegaConf.to_container(index) if isinstance(index, ListConfig) else index
+        raise InputError(f"index={shown}: give direction numbers, e.g. index=0 or index=[0,2]")
+    return values
 
 
 # ----------------------------------------------------------------------------------------------- inputs
@@ -145,8 +156,8 @@ def invert(cfg, denoiser: Denoiser, grid: list[int], names, images: Tensor, labe
     raise InputError(f"method.inversion={opts.inversion}: use ddim or edit_friendly")
 
 
-def region_mask(cfg: DictConfig, sources: Sources) -> Tensor | None:
-    """The binary image-space mask [B, 1, H, W] of `region` (composite names or CelebAMask-HQ classes)."""
+def region_classes(cfg: DictConfig) -> list[int] | None:
+    """The CelebAMask-HQ class indices of `region` (composite names or classes); None without a region."""
     if not cfg.region:
         return None
     names = [cfg.region] if isinstance(cfg.region, str) else list(cfg.region)
@@ -156,10 +167,35 @@ def region_mask(cfg: DictConfig, sources: Sources) -> Tensor | None:
             raise InputError(f"region={name}: unknown; use one of {', '.join(REGIONS)} or a mask class "
                              f"({', '.join(SEG)})")
         classes += [SEG[c] for c in REGIONS.get(name, [name])]
-    if sources.labels is None:
-        raise InputError("region masks need label maps: use method.input=synthetic (ground truth) or input=images "
-                         "with mask_path=DIR")
-    return torch.isin(sources.labels, torch.tensor(classes)).float()[:, None]
+    return classes
+
+
+def region_parser(cfg: DictConfig, device) -> ParserNet:
+    """`method.parser`, for faces without label maps (sampled seeds, images without mask_path)."""
+    if not cfg.method.parser:
+        raise InputError("region masks need label maps: set method.parser=parser64 (segments the face), or use "
+                         "method.input=synthetic (ground truth) or input=images with mask_path=DIR")
+    parser = load_parser(cfg.method.parser, device)
+    if unknown := [c for c in parser.classes if c not in SEG]:
+        raise InputError(f"method.parser={cfg.method.parser}: classes {unknown} are not CelebAMask-HQ classes")
+    return parser
+
+
+def region_mask(cfg: DictConfig, sources: Sources, classes: list[int], parser: ParserNet | None = None,
+                image: Tensor | None = None) -> tuple[Tensor, str]:
+    """The binary mask [1, H, W] of the first source's region and where its labels came from: the source's label
+    map (ground_truth / mask_path) or else the parser's labels of `image` [C, H, W] (parser:<name>)."""
+    if sources.labels is not None:
+        labels, origin = sources.labels[0], "ground_truth" if cfg.method.input == "synthetic" else "mask_path"
+    else:  # the parser's classes renumbered as the ground truth's (SEG); `parse` resizes to its own size and back
+        numbering = torch.tensor([SEG[c] for c in parser.classes])
+        labels = numbering[parser.parse(image[None].clamp(-1, 1))[0].cpu()]
+        origin = f"parser:{cfg.method.parser}"
+    mask = torch.isin(labels.cpu(), torch.tensor(classes)).float()[None]
+    if not mask.any():
+        raise InputError(f"region={cfg.region}: {origin} finds no such pixels on {sources.names[0]}; "
+                         "choose another face (seed=...) or region")
+    return mask, origin
 
 
 # ----------------------------------------------------------------------------------------------- discovery
@@ -211,36 +247,43 @@ def discover_jacobian(cfg, denoiser, grid, sources, metrics) -> Directions:
     from facelab.directions.jacobian import trajectory_jacobian
 
     opts = cfg.method
-    mask = region_mask(cfg, sources)
+    classes = region_classes(cfg)
+    parser = region_parser(cfg, denoiser.unet.device) if classes and sources.labels is None else None
     traj = run_trajectory(denoiser, sources.x_T[:1], sources.noises[:, :1], grid, sources.eta, record_x=True,
                           clip=opts.clip)
-    sigma, v, passes = trajectory_jacobian(denoiser, traj.x_ts[0][:, None], grid, None if mask is None else mask[0],
+    image = (traj.x0 if sources.images is None else sources.images)[0]  # a sample's own final image
+    mask, origin = region_mask(cfg, sources, classes, parser, image) if classes else (None, None)
+    sigma, v, passes = trajectory_jacobian(denoiser, traj.x_ts[0][:, None], grid, mask,
                                            k=opts.num_eigvecs, where=opts.h_space, tol=opts.tol,
                                            max_iters=opts.max_iters, progress=cfg.progress,
                                            generator=torch.Generator().manual_seed(int(cfg.seed)))
-    metrics.update(network_passes=passes, singular_values=sigma.tolist(), source=sources.names[0])
+    metrics.update(network_passes=passes, singular_values=sigma.tolist(), source=sources.names[0], mask=origin)
     if mask is not None:
-        save_image(sources.images[0] * mask[0] + (1 - mask[0]) * -1, Path(cfg.paths.output_dir) / "masked_source.png")
-    return Directions(v, sigma, grid, {"params": {"region": cfg.region, "source": sources.names[0],
+        mask = mask.to(image.device)
+        save_image(image * mask + (1 - mask) * -1, Path(cfg.paths.output_dir) / "masked_source.png")
+    region = OmegaConf.to_container(cfg.region) if isinstance(cfg.region, ListConfig) else cfg.region
+    return Directions(v, sigma, grid, {"params": {"region": region, "mask": origin, "source": sources.names[0],
                                                   "num_eigvecs": opts.num_eigvecs}, "global_at_idx": True})
 
 
-def supervised_index(cfg, denoiser, grid) -> dict[str, Tensor]:
+def supervised_index(cfg, denoiser, grid, heads: dict[str, str]) -> dict[str, Tensor]:
+    """The index scored by `method.classifier`, which must have the binary `heads` {head: the argument naming it}."""
     opts = cfg.method
     classifier = load_classifier(opts.classifier, denoiser.unet.device)
     if classifier.image_size != denoiser.unet.config.sample_size:
         raise InputError(f"method.classifier={opts.classifier} reads {classifier.image_size} px images, the model "
                          f"makes {denoiser.unet.config.sample_size} px")
+    binary = [name for name, n in classifier.heads.items() if n == 2]  # the heads the index scores
+    for head, arg in heads.items():  # checked before indexing idx_size samples
+        if head not in binary:
+            raise InputError(f"{arg}: the classifier {opts.classifier} has no such binary head "
+                             f"(known: {', '.join(binary)})")
     seeds = list(range(opts.index_offset, opts.index_offset + opts.idx_size))
     return index_samples(cfg, denoiser, grid, seeds, opts.index_eta, classifier)
 
 
 def mean_difference(index: dict[str, Tensor], attribute: str, num_examples: int, opts) -> Tensor:
-    key = f"score.{attribute}"
-    if key not in index:
-        known = sorted(k[6:] for k in index if k.startswith("score."))
-        raise InputError(f"attribute={attribute}: the classifier {opts.classifier} has no such head "
-                         f"(known: {', '.join(known)})")
+    key = f"score.{attribute}"  # present: supervised_index checked the heads
     groups = index["score.Male"] > 0.5 if opts.balance_gender and attribute != "Male" else None
     try:
         return maths.supervised(index["hs"], index[key], num_examples, groups)[0]
@@ -252,18 +295,21 @@ def discover_supervised(cfg, denoiser, grid, sources, metrics) -> Directions:
     opts = cfg.method
     if not cfg.attribute:
         raise InputError(f"discover={cfg.discover} needs attribute=NAME (e.g. attribute=Smiling)")
-    index = supervised_index(cfg, denoiser, grid)
+    conditions = [cfg.condition] if isinstance(cfg.condition, str) else list(cfg.condition or [])
+    if cfg.discover == "conditional" and not conditions:
+        raise InputError("discover=conditional needs condition=[NAME,...] (e.g. condition=[Male])")
+    heads = {c: f"condition=[{c}]" for c in conditions if cfg.discover == "conditional"}
+    heads |= {"Male": "method.balance_gender=true"} if opts.balance_gender else {}
+    index = supervised_index(cfg, denoiser, grid, {**heads, cfg.attribute: f"attribute={cfg.attribute}"})
     primal = mean_difference(index, cfg.attribute, opts.num_examples, opts)
     vectors, params = [primal], {"attribute": cfg.attribute, "idx_size": opts.idx_size,
                                  "num_examples": opts.num_examples, "classifier": opts.classifier,
                                  "balance_gender": opts.balance_gender}
     if cfg.discover == "conditional":
-        if not cfg.condition:
-            raise InputError("discover=conditional needs condition=[NAME,...] (e.g. condition=[Male])")
-        conditions = torch.stack([mean_difference(index, c, opts.num_examples, opts) for c in cfg.condition])
-        projected = maths.project_out(primal, conditions)
+        projected = maths.project_out(primal, torch.stack([mean_difference(index, c, opts.num_examples, opts)
+                                                           for c in conditions]))
         metrics["kept_norm_fraction"] = float(projected.norm() / primal.norm())
-        vectors, params["condition"] = [projected, primal], list(cfg.condition)
+        vectors, params["condition"] = [projected, primal], conditions
     basis, scale = maths.as_directions(torch.stack(vectors))
     return Directions(basis, scale, grid, {"params": params})
 
