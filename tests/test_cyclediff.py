@@ -432,7 +432,7 @@ def test_evaluate_tiny(tiny, tmp_path):
     results = script.main(argv)
     assert json.loads((tmp_path / "results.json").read_text()) == json.loads(json.dumps(results))
     assert set(results["attributes"]) == {"Smiling", "Male", RECONSTRUCTION}
-    assert set(results["cycles"]) == {"none", "origin", "step"} and set(results["starts"]) == {
+    assert set(results["cycles"]) == {"none", "origin", "step", "origin ×10"} and set(results["starts"]) == {
         "original", "sdedit", "ddim_inversion", "edit_friendly"}
     timing = results["timing"]
     # 3 calls per step: DDPM on 4 respaced steps, of which 333 and 0 are ≤ t0 = 500; DDIM 500, 0; the original's

@@ -1,19 +1,21 @@
 """Measure method=directions on the zoo DDPM and synthetic faces; write results.json, results.md and figures here.
 
     python experiments/directions/evaluate.py [--seeds 100] [--faces 16] [--jacobian-faces 3] [--pca-samples 500]
+                                              [--sections supervised conditional ...] [--runs DIR]
 
 1. Supervised directions (Smiling, Eyeglasses, Male, Young; an index of 1000 samples scored by `attr64`):
    the held-out classifier's (`attr64_eval`) P(attribute) per scale on fresh seeds, and the mean |ΔP| of the other
    attributes at the largest scales (entanglement).
-2. Conditional projection: Smiling, which the zoo model's samples tie to beards, with No_Beard projected out, and
-   Wearing_Lipstick (women only in the prior) with Male projected out: ΔP(attribute) and ΔP(condition) before/after.
-3. Real-image editing against ground truth: held-out synthetic faces, edit-friendly inversion (η = 1), the Smiling
-   direction toward the opposite expression, compared with the renderer's counterfactual of the same identity.
+2. Conditional projection: each of those with the attribute it moves most besides its own projected out, and
+   Wearing_Lipstick (women only in the prior) without Male: ΔP of the attribute, of the condition and of the others.
+3. Real-image editing against ground truth: held-out synthetic faces, edit-friendly inversion (η = 1), each
+   attribute's supervised and conditional direction toward the opposite value, compared with the renderer's
+   counterfactual of the same identity.
 4. Jacobian locality: share of the pixel-change energy inside the region for region-masked, unmasked and random
    (equal-norm) directions, against the region's area; and network passes / time of the block solver against the
    reference sequential power iteration on the same trajectory.
 5. PCA: explained variance per step and, per top PC, the attribute whose held-out probability moves most.
-Every edit is an ordinary facelab run (run_sample) kept under outputs/experiments/directions/.
+Every edit is an ordinary facelab run (run_cell) under --runs; a finished cell with the same overrides is read back.
 """
 from __future__ import annotations
 
@@ -33,8 +35,7 @@ from facelab.io.grids import save_grid
 from facelab.io.images import read_image
 from facelab.methods.directions import REGIONS
 from facelab.models.pretrained import load_denoiser
-from facelab.sample import run_sample
-from facelab.utils import compose_config
+from facelab.sample import run_cell
 
 HERE = Path(__file__).resolve().parent
 ATTRIBUTES = ["Smiling", "Eyeglasses", "Male", "Young"]
@@ -43,9 +44,24 @@ FACES = {"seed": 0, "start": 900000}  # the default held-out faces of method=dir
 
 
 def run(name: str, overrides: list[str], root: Path) -> tuple[dict, Path]:
+    """One `method=directions` cell under root/name; a finished cell with the same overrides is read back."""
     out = root / name
-    print(f"[{time.strftime('%H:%M:%S')}] {name}: {' '.join(overrides)}", flush=True)
-    return run_sample(compose_config("sample", ["method=directions", "progress=false", *overrides], out)), out
+    if not (out / "cell.json").is_file():
+        print(f"[{time.strftime('%H:%M:%S')}] {name}: {' '.join(overrides)}", flush=True)
+    return run_cell(out, ["method=directions", "progress=false", *overrides]), out
+
+
+def discovered(root: Path, attribute: str, condition: str | None = None) -> Path:
+    """The file of the supervised direction of `attribute`, or the conditional one with `condition` projected out
+    (index 0; index 1 is the primal direction)."""
+    if condition is None:
+        _, run_dir = run(f"supervised_{attribute}", ["discover=supervised", f"attribute={attribute}",
+                                                     "num_directions=1", "method.edit_seeds=1"], root)
+    else:
+        _, run_dir = run(f"conditional_{attribute}_{condition}", [
+            "discover=conditional", f"attribute={attribute}", f"condition=[{condition}]", "num_directions=1",
+            "method.edit_seeds=1"], root)
+    return run_dir / "directions.safetensors"
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -56,9 +72,7 @@ def supervised(args, root: Path) -> dict:
     """P_eval(attribute) per scale, and the entanglement with the other attributes."""
     results = {}
     for attribute in ATTRIBUTES:
-        found, run_dir = run(f"supervised_{attribute}", [f"discover=supervised", f"attribute={attribute}",
-                                                         "num_directions=1", "method.edit_seeds=1"], root)
-        applied, _ = run(f"apply_{attribute}", [f"apply={run_dir / 'directions.safetensors'}", "index=0",
+        applied, _ = run(f"apply_{attribute}", [f"apply={discovered(root, attribute)}", "index=0",
                                                 f"scales=[{','.join(map(str, SCALES))}]", "seed=1000000",
                                                 f"method.edit_seeds={args.seeds}", "batch_size=100"], root)
         curve = {s: applied["edits"]["0"][f"{s:g}"] for s in SCALES}
@@ -77,49 +91,53 @@ def supervised(args, root: Path) -> dict:
     return results
 
 
-CONDITIONAL = [("Smiling", "No_Beard"), ("Wearing_Lipstick", "Male")]  # (attribute, entangled condition)
-
-
-def conditional(args, root: Path) -> dict:
-    """Supervised directions entangled with another attribute, before and after projecting that one out."""
+def conditional(args, root: Path, supervised: dict) -> dict:
+    """Each supervised direction before and after projecting out the attribute it moves most besides its own (and
+    Wearing_Lipstick, women only in the prior, without Male): ΔP of the attribute, of the condition and the mean |ΔP|
+    of all the others, scale −2 → +2."""
+    pairs = [(a, supervised[a]["largest_other"]) for a in ATTRIBUTES] + [("Wearing_Lipstick", "Male")]
     results = {}
-    for attribute, condition in CONDITIONAL:
-        _, run_dir = run(f"conditional_{attribute}", ["discover=conditional", f"attribute={attribute}",
-                                                      f"condition=[{condition}]", "num_directions=1",
-                                                      "method.edit_seeds=1"], root)
-        applied, _ = run(f"apply_conditional_{attribute}", [f"apply={run_dir / 'directions.safetensors'}",
-                                                            "index=[0,1]", "scales=[-2,2]", "seed=1000000",
-                                                            f"method.edit_seeds={args.seeds}", "batch_size=100"], root)
+    for attribute, condition in pairs:
+        applied, _ = run(f"apply_conditional_{attribute}_{condition}", [
+            f"apply={discovered(root, attribute, condition)}", "index=[0,1]", "scales=[-2,2]", "seed=1000000",
+            f"method.edit_seeds={args.seeds}", "batch_size=100"], root)
         row = {"condition": condition}
         for k, label in (("1", "primal"), ("0", "projected")):
-            e = applied["edits"][k]
-            row[label] = {"dP_attribute": e["2"][attribute] - e["-2"][attribute],
-                          "dP_condition": e["2"][condition] - e["-2"][condition]}
+            up, down = applied["edits"][k]["2"], applied["edits"][k]["-2"]
+            others = [a for a in up if a not in (attribute, condition)]
+            row[label] = {"dP_attribute": up[attribute] - down[attribute],
+                          "dP_condition": up[condition] - down[condition],
+                          "mean_abs_dP_others": sum(abs(up[a] - down[a]) for a in others) / len(others)}
         results[attribute] = row
     return results
 
 
-def counterfactuals(args, root: Path, files: dict[str, Path]) -> dict:
-    """Edit inverted held-out faces toward the other expression; compare with the ground-truth counterfactual."""
+def counterfactuals(args, root: Path, supervised: dict) -> dict:
+    """Edit inverted held-out faces toward the opposite value of each attribute with its supervised and conditional
+    directions; compare with the renderer's ground-truth counterfactual of the same face."""
     faces = SyntheticFaces(64, args.faces, FACES["seed"], start=FACES["start"])
     scale, results = 2.0, {"faces": args.faces, "scale": 2.0}
-    for label, file in files.items():
-        applied, run_dir = run(f"counterfactual_{label}", [f"apply={file}", "index=0", f"scales=[{-scale},0,{scale}]",
-                                                           "method.input=synthetic", f"method.edit_seeds={args.faces}"],
-                               root)
-        rows = []
-        for i in range(args.faces):
-            item = faces[i]
-            smiling = int(item["attributes"][faces.attribute_names.index("Smiling")])
-            target = faces.counterfactual(i, Smiling=1 - smiling)["image"]
-            name = f"face{item['name']}"
-            edit = read_image(run_dir / "edits" / f"{name}_0_{(-scale if smiling else scale):g}.png")
-            recon = read_image(run_dir / "edits" / f"{name}_0_0.png")
-            rows.append({"original_vs_cf": psnr(item["image"], target), "edit_vs_cf": psnr(edit, target),
-                         "reconstruction": psnr(recon, item["image"])})
-        mean = {k: sum(r[k] for r in rows) / len(rows) for k in rows[0]}
-        results[label] = {**{f"psnr_{k}": round(v, 2) for k, v in mean.items()},
-                          "edit_closer_than_original": sum(r["edit_vs_cf"] > r["original_vs_cf"] for r in rows) / len(rows)}
+    for attribute in ATTRIBUTES:
+        files = {"supervised": discovered(root, attribute),
+                 "conditional": discovered(root, attribute, supervised[attribute]["largest_other"])}
+        for label, file in files.items():
+            _, run_dir = run(f"counterfactual_{label}_{attribute}", [
+                f"apply={file}", "index=0", f"scales=[{-scale},0,{scale}]", "method.input=synthetic",
+                f"method.edit_seeds={args.faces}"], root)
+            rows = []
+            for i in range(args.faces):
+                item = faces[i]
+                value = int(item["attributes"][faces.attribute_names.index(attribute)])
+                target = faces.counterfactual(i, **{attribute: 1 - value})["image"]
+                name = f"face{item['name']}"
+                edit = read_image(run_dir / "edits" / f"{name}_0_{(-scale if value else scale):g}.png")
+                recon = read_image(run_dir / "edits" / f"{name}_0_0.png")
+                rows.append({"original_vs_cf": psnr(item["image"], target), "edit_vs_cf": psnr(edit, target),
+                             "reconstruction": psnr(recon, item["image"])})
+            mean = {k: sum(r[k] for r in rows) / len(rows) for k in rows[0]}
+            results[f"{label}_{attribute}"] = {
+                **{f"psnr_{k}": round(v, 2) for k, v in mean.items()},
+                "edit_closer_than_original": sum(r["edit_vs_cf"] > r["original_vs_cf"] for r in rows) / len(rows)}
     return results
 
 
@@ -203,22 +221,23 @@ def pca(args, root: Path) -> dict:
                                                                            for i in range(len(ev[0]))], "pcs": pcs}
 
 
-def figures(root: Path, faces: int) -> None:
-    """README pictures: supervised edits of two fresh seeds; inverted faces, their edits and the counterfactuals."""
+def figures(root: Path, faces: int, sections: list[str]) -> None:
+    """README pictures: supervised edits of two fresh seeds; inverted faces, their Male edits and the counterfactuals."""
     out = HERE / "figures"
-    rows = [read_image(root / f"apply_{a}" / "edits" / f"seed{seed}_0_{s:g}.png")
-            for seed in (1000000, 1000001) for a in ATTRIBUTES for s in SCALES]
-    save_grid(torch.stack(rows), out / "supervised.png", nrow=len(SCALES), upscale=2)
-    data = SyntheticFaces(64, faces, FACES["seed"], start=FACES["start"])
-    cells = []
-    for i in range(min(faces, 6)):
-        item, smiling = data[i], int(data[i]["attributes"][data.attribute_names.index("Smiling")])
-        name = f"face{item['name']}"
-        edits = root / "counterfactual_conditional" / "edits"
-        cells += [item["image"], read_image(edits / f"{name}_0_0.png"),
-                  read_image(edits / f"{name}_0_{(-2 if smiling else 2):g}.png"),
-                  data.counterfactual(i, Smiling=1 - smiling)["image"]]
-    save_grid(torch.stack(cells), out / "counterfactual.png", nrow=4, upscale=2)
+    if "supervised" in sections:
+        rows = [read_image(root / f"apply_{a}" / "edits" / f"seed{seed}_0_{s:g}.png")
+                for seed in (1000000, 1000001) for a in ATTRIBUTES for s in SCALES]
+        save_grid(torch.stack(rows), out / "supervised.png", nrow=len(SCALES), upscale=2)
+    if "counterfactual" in sections:
+        data, cells = SyntheticFaces(64, faces, FACES["seed"], start=FACES["start"]), []
+        for i in range(min(faces, 6)):
+            item, male = data[i], int(data[i]["attributes"][data.attribute_names.index("Male")])
+            edits = root / "counterfactual_supervised_Male" / "edits"
+            name = f"face{item['name']}"
+            cells += [item["image"], read_image(edits / f"{name}_0_0.png"),
+                      read_image(edits / f"{name}_0_{(-2 if male else 2):g}.png"),
+                      data.counterfactual(i, Male=1 - male)["image"]]
+        save_grid(torch.stack(cells), out / "counterfactual.png", nrow=4, upscale=2)
 
 
 def table(results: dict) -> str:
@@ -233,21 +252,26 @@ def table(results: dict) -> str:
                      f" | {'yes' if r['monotone'] else 'no'} | {'yes' if r['crosses_half'] else 'no'} | "
                      f"{r['mean_abs_dp_others_at_pm2']:.3f} | {r['largest_other']} ({r['largest_other_dp']:+.2f}) |")
     lines += ["", "## Conditional projection (scale −2 → +2)", "",
-              "| direction | condition projected out | dP(attribute) primal | dP(condition) primal | "
-              "dP(attribute) projected | dP(condition) projected |", "|---|---|---|---|---|---|"]
+              "Each supervised direction before (primal) and after projecting out the attribute it moves most besides "
+              "its own; others = mean |dP| over the remaining attributes.", "",
+              "| direction | condition projected out | dP(attribute) primal → projected | dP(condition) primal → "
+              "projected | others primal → projected |", "|---|---|---|---|---|"]
     for a, r in results["conditional"].items():
         p, c = r["primal"], r["projected"]
-        lines.append(f"| {a} | {r['condition']} | {p['dP_attribute']:+.3f} | {p['dP_condition']:+.3f} | "
-                     f"{c['dP_attribute']:+.3f} | {c['dP_condition']:+.3f} |")
+        lines.append(f"| {a} | {r['condition']} | {p['dP_attribute']:+.3f} → {c['dP_attribute']:+.3f} | "
+                     f"{p['dP_condition']:+.3f} → {c['dP_condition']:+.3f} | {p['mean_abs_dP_others']:.3f} → "
+                     f"{c['mean_abs_dP_others']:.3f} |")
     cf = results["counterfactual"]
-    lines += ["", f"## Editing inverted faces against the ground-truth counterfactual (Smiling, {cf['faces']} held-out faces, "
-              f"scale ±{cf['scale']:g})", "",
-              "| direction | reconstruction at scale 0 vs input | original vs counterfactual | edit vs counterfactual | "
-              "faces where the edit is closer |", "|---|---|---|---|---|"]
-    for label in ("supervised", "conditional"):
-        r = cf[label]
-        lines.append(f"| {label} | {r['psnr_reconstruction']:.1f} dB | {r['psnr_original_vs_cf']:.1f} dB | "
-                     f"{r['psnr_edit_vs_cf']:.1f} dB | {r['edit_closer_than_original']:.0%} |")
+    lines += ["", f"## Editing inverted faces against the ground-truth counterfactual ({cf['faces']} held-out faces, "
+              f"edit-friendly inversion, scale ±{cf['scale']:g} toward the opposite value)", "",
+              "| attribute | direction | reconstruction at scale 0 vs input | original vs counterfactual | "
+              "edit vs counterfactual | faces where the edit is closer |", "|---|---|---|---|---|---|"]
+    for key, r in cf.items():
+        if isinstance(r, dict):
+            label, attribute = key.split("_", 1)
+            lines.append(f"| {attribute} | {label} | {r['psnr_reconstruction']:.1f} dB | "
+                         f"{r['psnr_original_vs_cf']:.1f} dB | {r['psnr_edit_vs_cf']:.1f} dB | "
+                         f"{r['edit_closer_than_original']:.0%} |")
     j = results["jacobian"]
     lines += ["", "## Jacobian directions: share of the pixel change inside the region", "",
               "| region | area | region-masked | unmasked | random Δh (equal norm) | passes per face | s per face |",
@@ -272,6 +296,9 @@ def table(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+SECTIONS = ("supervised", "conditional", "counterfactual", "jacobian", "pca")
+
+
 def main() -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, default=100, help="fresh seeds per supervised edit curve")
@@ -279,17 +306,23 @@ def main() -> dict:
     parser.add_argument("--jacobian-faces", type=int, default=3)
     parser.add_argument("--pca-samples", type=int, default=500)
     parser.add_argument("--solver-steps", type=int, default=10, help="grid steps of the solver comparison")
+    parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS),
+                        help="run these; the others are kept from results.json")
+    parser.add_argument("--runs", type=Path, help="run folder (default outputs/experiments/directions/<time>); "
+                                                  "finished cells of an earlier invocation are reused")
     args = parser.parse_args()
-    root = HERE.parents[1] / "outputs" / "experiments" / "directions" / time.strftime("%Y-%m-%d_%H-%M-%S")
-    results = {"supervised": supervised(args, root)}
-    results["conditional"] = conditional(args, root)
-    results["counterfactual"] = counterfactuals(args, root, {
-        "supervised": root / "supervised_Smiling" / "directions.safetensors",
-        "conditional": root / "conditional_Smiling" / "directions.safetensors"})
-    results["jacobian"] = jacobian(args, root)
-    results["pca"] = pca(args, root)
-    figures(root, args.faces)
-    (HERE / "results.json").write_text(json.dumps(results, indent=2))
+    root = args.runs or HERE.parents[1] / "outputs" / "experiments" / "directions" / time.strftime("%Y-%m-%d_%H-%M-%S")
+    path = HERE / "results.json"
+    results = json.loads(path.read_text()) if path.is_file() else {}
+    for section in SECTIONS:  # in order: conditional and counterfactual use the supervised results
+        if section in args.sections:
+            if section in ("supervised", "jacobian", "pca"):
+                results[section] = globals()[section](args, root)
+            else:
+                results[section] = (conditional if section == "conditional" else counterfactuals)(
+                    args, root, results["supervised"])
+    figures(root, args.faces, args.sections)
+    path.write_text(json.dumps(results, indent=2))
     (HERE / "results.md").write_text(table(results))
     print(table(results))
     return results
