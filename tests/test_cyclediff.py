@@ -434,6 +434,9 @@ def test_evaluate_tiny(tiny, tmp_path):
     assert set(results["attributes"]) == {"Smiling", "Male", RECONSTRUCTION}
     assert set(results["cycles"]) == {"none", "origin", "step", "origin ×10"} and set(results["starts"]) == {
         "original", "sdedit", "ddim_inversion", "edit_friendly"}
+    terms = results["terms"]  # from the default run's losses.csv: reconstruction has no attribute term
+    assert set(terms) == {"Smiling", "Male", RECONSTRUCTION} and "attribute" not in terms[RECONSTRUCTION]
+    assert all(terms[e]["cycle"] > 0 and terms[e]["attribute"] > 0 for e in ("Smiling", "Male"))
     timing = results["timing"]
     # 3 calls per step: DDPM on 4 respaced steps, of which 333 and 0 are ≤ t0 = 500; DDIM 500, 0; the original's
     # preset all 4 steps from the image itself

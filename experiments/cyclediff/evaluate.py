@@ -24,6 +24,7 @@ outputs/experiments/cyclediff/<time>); a finished cell with the same overrides i
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import time
 from pathlib import Path
@@ -55,6 +56,18 @@ def mean_scores(metrics: dict) -> dict:
     """The mean of each score over the run's attribute edits (reconstruction left out)."""
     edits = [e for name, e in metrics["edits"].items() if name != RECONSTRUCTION]
     return {key: sum(e[key] for e in edits) / len(edits) for key in SCORES if all(key in e for e in edits)}
+
+
+def term_means(run_dir: Path) -> dict:
+    """Per edit, each guidance term's value averaged over the steps and batches of a run's losses.csv."""
+    sums: dict = {}
+    with (run_dir / "losses.csv").open(newline="") as file:
+        for row in csv.DictReader(file):
+            edit = sums.setdefault(row["edit"], {})
+            for term in ("attribute", "cycle", "range"):
+                if row.get(term):
+                    edit.setdefault(term, []).append(float(row[term]))
+    return {edit: {term: sum(v) / len(v) for term, v in terms.items()} for edit, terms in sums.items()}
 
 
 def timing(metrics: dict) -> dict:
@@ -122,6 +135,7 @@ def main(argv: list[str] | None = None) -> dict:
         "faces": args.faces, "steps": args.steps, "weights": default["weights"], "first_t": default["first_t"],
         "attributes": default["edits"], "decoded_psnr": default["decoded_psnr"],
         "cycles": {cycle: mean_scores(m) for cycle, m in cycles.items()},
+        "terms": term_means(root / "default"),
         "starts": {start: {**mean_scores(m), "decoded_psnr": m["decoded_psnr"],
                            "reconstruction_psnr": m["edits"][RECONSTRUCTION]["psnr"]} for start, m in starts.items()},
         "timing": {"faces": args.timing_faces, "ddpm": ddpm, "ddim": ddim, "reference": reference,
@@ -140,7 +154,9 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def fmt(value) -> str:
-    return "–" if value is None else f"{value:.3f}" if isinstance(value, float) else str(value)
+    if not isinstance(value, float):
+        return "–" if value is None else str(value)
+    return f"{value:.3f}" if value == 0 or abs(value) >= 0.1 else f"{value:.2e}"
 
 
 def table(header: list[str], rows: list[list]) -> list[str]:
@@ -163,6 +179,11 @@ def report(results: dict) -> str:
                      e.get("ssim_input")] for name, e in results["attributes"].items()])
     lines += ["", "## Cycle loss", "", "Means over the attribute edits; same faces and noise.", ""]
     lines += table(["cycle", *SCORES], [[c, *(s.get(k) for k in SCORES)] for c, s in results["cycles"].items()])
+    lines += ["", "Each guidance term's mean over the steps of the default run: the cycle term of an edit against that "
+              "of `reconstruction`, which flips nothing.", ""]
+    lines += table(["edit", "attribute", "cycle", "range"],
+                   [[name, *(terms.get(k) for k in ("attribute", "cycle", "range"))]
+                    for name, terms in results["terms"].items()])
     lines += ["", "## Start point", ""]
     lines += table(["start", *SCORES, "decoded PSNR", "reconstruction PSNR"],
                    [[name, *(s.get(k) for k in SCORES), s["decoded_psnr"], s["reconstruction_psnr"]]
