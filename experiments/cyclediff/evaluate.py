@@ -29,6 +29,10 @@ import json
 import time
 from pathlib import Path
 
+import torch
+
+from facelab.io.grids import save_grid
+from facelab.io.images import read_image
 from facelab.methods.cyclediff import RECONSTRUCTION, REFERENCE_ATTRIBUTES, REFERENCE_EDITABLE, STARTS
 from facelab.sample import run_cell
 
@@ -148,9 +152,19 @@ def main(argv: list[str] | None = None) -> dict:
         > results["cycles"]["none"].get("preservation", 0),  # at the default weight
     }
     args.out.mkdir(parents=True, exist_ok=True)
+    figure(root / "start_edit_friendly", args.attributes, args.out / "figures" / "edits.png")
     (args.out / "results.json").write_text(json.dumps(results, indent=2))
     (args.out / "results.md").write_text(report(results))
     return results
+
+
+def figure(run_dir: Path, attributes: list[str], path: Path, faces: int = 6) -> None:
+    """Rows = faces; columns = input, then per attribute its edit next to the renderer's counterfactual."""
+    names = sorted(p.stem for p in (run_dir / "inputs").glob("*.png"))[:faces]
+    cells = [read_image(run_dir / folder / f"{name}{suffix}.png") for name in names
+             for folder, suffix in [("inputs", "")] + [(kind, f"_{a}") for a in attributes
+                                                          for kind in ("edits", "counterfactuals")]]
+    save_grid(torch.stack(cells), path, nrow=1 + 2 * len(attributes), upscale=2)
 
 
 def fmt(value) -> str:
