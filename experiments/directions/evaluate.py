@@ -314,13 +314,12 @@ def main() -> dict:
     root = args.runs or HERE.parents[1] / "outputs" / "experiments" / "directions" / time.strftime("%Y-%m-%d_%H-%M-%S")
     path = HERE / "results.json"
     results = json.loads(path.read_text()) if path.is_file() else {}
-    for section in SECTIONS:  # in order: conditional and counterfactual use the supervised results
+    steps = {"supervised": supervised, "jacobian": jacobian, "pca": pca,  # conditional and counterfactual
+             "conditional": lambda a, r: conditional(a, r, results["supervised"]),  # use the supervised results
+             "counterfactual": lambda a, r: counterfactuals(a, r, results["supervised"])}
+    for section in SECTIONS:
         if section in args.sections:
-            if section in ("supervised", "jacobian", "pca"):
-                results[section] = globals()[section](args, root)
-            else:
-                results[section] = (conditional if section == "conditional" else counterfactuals)(
-                    args, root, results["supervised"])
+            results[section] = steps[section](args, root)
     figures(root, args.faces, args.sections)
     path.write_text(json.dumps(results, indent=2))
     (HERE / "results.md").write_text(table(results))
