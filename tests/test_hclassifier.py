@@ -1,6 +1,7 @@
 """The h-classifier: heads keyed by t, the t-conditioned head, training on h-space shards with per-t accuracy,
 export and safe loading."""
 
+import json
 import pickle
 
 import pytest
@@ -99,6 +100,30 @@ def test_training_reaches_the_labels_and_writes_accuracy_per_t(head, tmp_path):
             torch.testing.assert_close(probs, model.net.predict(h, t)[name])
 
 
+def test_class_mean_heads_point_along_the_class_mean_difference(tmp_path):
+    """direction=class_means: at every t the exported Male direction w_male − w_female is parallel to the difference
+    of the training rows' class means (computed here from the rows), the heads still classify, and the checkpoint
+    reads back the same heads."""
+    shards = toy_shards(tmp_path / "hs")
+    model, trainer = fit(shards, tmp_path / "run", direction="class_means")
+    assert min(model.accuracy["Male"].values()) == 1.0 and min(model.accuracy["skin_tone"].values()) >= 0.75
+    rows = [HSpaceDataset(shards)[i] for i in trainer.datamodule.train_set.indices]
+    h, male = torch.stack([r["h"] for r in rows]).double(), torch.stack([r["labels"][0] for r in rows])
+    difference = h[male == 1].mean(0) - h[male == 0].mean(0)  # [T, D]
+    exported = load_hclassifier(model.export(tmp_path / "run" / "hclf"))
+    direction = (exported.weight[:, 1] - exported.weight[:, 0]).double()
+    torch.testing.assert_close(torch.cosine_similarity(direction, difference, dim=1), torch.ones(len(GRID),
+                                                                                                 dtype=torch.float64))
+    from_ckpt = load_hclassifier(next((tmp_path / "run" / "checkpoints").glob("*.ckpt")))
+    x = torch.randn(4, *H_SHAPE)
+    for t in GRID:
+        torch.testing.assert_close(exported.predict(x, t)["Male"], from_ckpt.predict(x, t)["Male"])
+    with pytest.raises(InputError, match="needs model.head=per_t"):
+        HClassifier(direction="class_means", head="conditioned")
+    with pytest.raises(InputError, match="model.direction='along'"):
+        HClassifier(direction="along")
+
+
 def test_attribute_subset_and_unknown_attribute(tmp_path):
     shards = toy_shards(tmp_path / "hs", n=16)
     model = HClassifier(attributes=["skin_tone"])
@@ -143,3 +168,19 @@ def test_missing_shards_fail_the_training_run_clearly(tmp_path):
                   tmp_path / "run")
     with pytest.raises(InputError, match="no h-space shards .* method=hextract"):
         run_train(cfg)
+
+
+def test_trains_from_the_cli_config_without_a_logger(tmp_path):
+    """+experiment=hclf_gender with logger=none and direction=class_means: trains and exports."""
+    from conftest import compose
+    from facelab.train import run_train
+
+    shards = toy_shards(tmp_path / "hs")
+    cfg = compose("train", ["+experiment=hclf_gender", f"data.dataset.path={shards}", "data.batch_size=12",
+                            "model.direction=class_means", "model.lr=0.05", "trainer.max_steps=20",
+                            "trainer.val_check_interval=10", "trainer.accelerator=cpu", "logger=none",
+                            "trainer.enable_progress_bar=false"], tmp_path / "run")
+    run_train(cfg)
+    net = load_hclassifier(tmp_path / "run" / "hclf")
+    assert json.loads((tmp_path / "run" / "hclf" / "config.json").read_text())["direction"] == "class_means"
+    assert net.heads == {"Male": 2} and net.directions is None  # exported as plain linear heads

@@ -6,6 +6,11 @@ attributes, 3 for skin_tone). Two kinds:
                run on any grid finds its heads by time (`head_time`: exact, or the nearest trained t);
   conditioned  one head whose weights are a piecewise-linear function of t: W(t) = Σ_a hat_a(t)·W_a over `anchors`
                evenly spaced anchors in [0, T−1]; still linear in h at every t, defined for any t.
+A per_t net can have its directions fixed (`fix_directions`, HClassifier's `direction=class_means`): each class's
+weight vector is its centred class mean of h at that t, and only a gain per t and attribute and the biases train.
+Its gradient w.r.t. h then points along the class-mean differences, the directions the faces actually differ in;
+a free head also uses directions the decoder ignores (the zoo model's free Male head has cosine 0.29 with the mean
+difference, experiments/debias/results_alignment.md), so guiding with it moves h more and the faces less.
 `HClassifier` trains it (cross-entropy per attribute and timestep) on the shards of `method=hextract`
 (`data=hspace`), logs the validation accuracy per attribute and timestep and writes it as `hclf_accuracy.csv` and
 `hclf_accuracy.png` in the run directory. Export: `hclf/` = config.json (heads, kind, grid, the model id and
@@ -31,6 +36,7 @@ from facelab.io.errors import InputError
 from facelab.methods.hextract import HSpaceDataset
 
 KINDS = ("per_t", "conditioned")
+DIRECTIONS = ("free", "class_means")
 LOOKUPS = ("exact", "nearest")
 ACCURACY_CSV, ACCURACY_PNG = "hclf_accuracy.csv", "hclf_accuracy.png"
 
@@ -58,6 +64,27 @@ class HNet(nn.Module):
         self.meta = dict(meta or {})
         self.config = dict(heads=self.heads, dim=self.dim, times=self.times, kind=kind, anchors=anchors,
                            num_train_timesteps=num_train_timesteps)
+        self.register_buffer("directions", None)
+        self.register_buffer("centre", None)
+
+    def fix_directions(self, directions: Tensor, centre: Tensor) -> None:
+        """Replace the free weights by weight = exp(log_gain[slot, attribute])·directions [slots, outputs, dim],
+        with logits centred at `centre` [slots, dim]: logit = weight·(h − centre) + bias. Only per_t nets."""
+        if self.kind != "per_t":
+            raise InputError("h-classifier direction=class_means needs head=per_t (one set of class means per t)")
+        if self.directions is None:
+            del self.weight
+            self.log_gain = nn.Parameter(torch.zeros(len(self.keys), len(self.heads)))
+        self.register_buffer("directions", directions.float().to(self.bias.device))
+        self.register_buffer("centre", centre.float().to(self.bias.device))
+
+    def stored_heads(self) -> tuple[Tensor, Tensor]:
+        """(weight [slots, outputs, dim], bias [slots, outputs]) of the stored heads, free or fixed-direction."""
+        if self.directions is None:
+            return self.weight, self.bias
+        sizes = torch.tensor(list(self.heads.values()), device=self.log_gain.device)
+        weight = self.log_gain.exp().repeat_interleave(sizes, 1)[..., None] * self.directions
+        return weight, self.bias - torch.einsum("sod,sd->so", weight, self.centre)
 
     def head_time(self, t: int, lookup: str = "exact") -> int | None:
         """The time whose head serves grid time t: t itself (exact; None if untrained), the nearest trained t
@@ -77,16 +104,17 @@ class HNet(nn.Module):
             if len(missing):
                 raise InputError(f"no h-classifier head for t={missing.long().tolist()}; heads exist for t in "
                                  f"{self.times}")
-            return hits.to(self.weight.dtype)
+            return hits.to(self.bias.dtype)
         spacing = self.keys[1] - self.keys[0]
-        return (1 - (times[:, None] - self.keys[None]).abs() / spacing).clamp(min=0).to(self.weight.dtype)
+        return (1 - (times[:, None] - self.keys[None]).abs() / spacing).clamp(min=0).to(self.bias.dtype)
 
     def logits(self, h: Tensor, t: int | Sequence[int] | Tensor) -> Tensor:
         """All heads' logits: h [B, ...] at one time t → [B, ΣK]; h [B, n, D] at times t [n] → [B, n, ΣK]."""
         single = isinstance(t, int) or (isinstance(t, Tensor) and t.ndim == 0)
         times = torch.as_tensor([int(t)] if single else t).reshape(-1)
         mix = self.mixing(times)
-        weight, bias = torch.einsum("ns,sod->nod", mix, self.weight), mix @ self.bias
+        stored_weight, stored_bias = self.stored_heads()
+        weight, bias = torch.einsum("ns,sod->nod", mix, stored_weight), mix @ stored_bias
         x = h.reshape(len(h), 1, self.dim) if single else h.reshape(len(h), len(times), self.dim)
         if x.shape[-1] != self.dim:
             raise InputError(f"h has {x.shape[-1]} values; this h-classifier reads {self.dim}")
@@ -103,12 +131,15 @@ class HNet(nn.Module):
 
 
 def save_hclassifier(net: HNet, folder: str | Path, accuracy: dict | None = None) -> Path:
-    """Export `net` as config.json + model.safetensors."""
+    """Export `net` as config.json + model.safetensors (a fixed-direction net as its plain linear heads)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    config = {"_class_name": "HNet", **net.config, "hspace": net.meta, "accuracy": accuracy or {}}
+    direction = "free" if net.directions is None else "class_means"
+    config = {"_class_name": "HNet", **net.config, "direction": direction, "hspace": net.meta,
+              "accuracy": accuracy or {}}
     (folder / "config.json").write_text(json.dumps(config, indent=2))
-    save_file({"weight": net.weight.detach().contiguous(), "bias": net.bias.detach().contiguous()},
+    weight, bias = net.stored_heads()
+    save_file({"weight": weight.detach().contiguous(), "bias": bias.detach().contiguous()},
               folder / "model.safetensors")
     return folder
 
@@ -142,14 +173,18 @@ def load_hclassifier(source: str | Path, device: str | torch.device = "cpu") -> 
             raise InputError(f"{path}: not an h-classifier checkpoint")
         config, meta = ckpt["hclf_config"], ckpt["hspace_meta"]
         state = {k[4:]: v for k, v in ckpt["state_dict"].items() if k.startswith("net.")}
+        directions = (state["directions"], state["centre"]) if "directions" in state else None
     else:
         config = json.loads((path / "config.json").read_text())
         if config.pop("_class_name", None) != "HNet":
             raise InputError(f"{path}: not an h-classifier (config _class_name is not HNet)")
         meta = config.pop("hspace", {})
         config.pop("accuracy", None)
-        state = load_file(path / "model.safetensors")
+        config.pop("direction", None)  # how the heads were trained; exported as plain linear heads either way
+        state, directions = load_file(path / "model.safetensors"), None
     net = HNet(**config, meta=meta)
+    if directions is not None:
+        net.fix_directions(*directions)
     net.load_state_dict({k: v.float() for k, v in state.items()})
     net.source = str(source)
     return net.to(device).eval().requires_grad_(False)
@@ -159,16 +194,23 @@ class HClassifier(pl.LightningModule):
     """Trains an HNet on `data=hspace` (an HSpaceDataset); the net is built in `setup` from the shards' metadata.
 
     attributes: the heads to train (default: every attribute the shards label). head: per_t | conditioned.
+    direction: free (every weight trains, the original) | class_means (each class's weight vector is fixed to its
+    centred class mean of h over the training faces at that t, scaled so that the class means are 2 logits apart;
+    a gain per t and attribute and the biases train; per_t only).
     """
 
     export_name = "hclf"
 
-    def __init__(self, attributes: list[str] | None = None, head: str = "per_t", anchors: int = 8, lr: float = 1e-3,
-                 weight_decay: float = 1e-4, seed: int = 0):
+    def __init__(self, attributes: list[str] | None = None, head: str = "per_t", anchors: int = 8,
+                 direction: str = "free", lr: float = 1e-3, weight_decay: float = 1e-4, seed: int = 0):
         super().__init__()
         self.save_hyperparameters()
         if head not in KINDS:
             raise InputError(f"model.head={head!r}: use one of {', '.join(KINDS)}")
+        if direction not in DIRECTIONS:
+            raise InputError(f"model.direction={direction!r}: use one of {', '.join(DIRECTIONS)}")
+        if direction == "class_means" and head != "per_t":
+            raise InputError("model.direction=class_means needs model.head=per_t (one set of class means per t)")
         self.net: HNet | None = None
         self.meta: dict | None = None
         self.columns: list[int] = []
@@ -184,6 +226,31 @@ class HClassifier(pl.LightningModule):
         if not isinstance(dataset, HSpaceDataset):
             raise InputError("model=hclf trains on h-space shards: use data=hspace data.dataset.path=<shards>")
         self.build(dataset.meta)
+        if self.hparams.direction == "class_means":
+            self.net.fix_directions(*self.class_mean_directions(self.trainer.datamodule.train_set))
+
+    def class_mean_directions(self, dataset) -> tuple[Tensor, Tensor]:
+        """(directions [T, outputs, D], centre [T, D]) from the class means of h over `dataset` at every grid t:
+        direction_k = (μ_k − c)/Σ_j ‖μ_j − c‖², c the mean of the attribute's class means, so that the head's logit
+        differences are 2 between the class means at gain 1; centre = the mean of all h."""
+        sums = [torch.zeros(k, len(self.net.times), self.net.dim, dtype=torch.float64) for k in self.net.heads.values()]
+        counts = [torch.zeros(k, dtype=torch.float64) for k in self.net.heads.values()]
+        for batch in torch.utils.data.DataLoader(dataset, batch_size=64):
+            h, labels = batch["h"].double(), batch["labels"][:, self.columns]
+            for j, k in enumerate(self.net.heads.values()):
+                onehot = F.one_hot(labels[:, j], k).double()
+                sums[j] += torch.einsum("bk,btd->ktd", onehot, h)
+                counts[j] += onehot.sum(0)
+        directions = []
+        for name, total, count in zip(self.net.heads, sums, counts):
+            if (count == 0).any():
+                raise InputError(f"direction=class_means: class {int((count == 0).nonzero()[0])} of {name} has no "
+                                 "training faces")
+            means = total / count[:, None, None]
+            offsets = means - means.mean(0)
+            directions.append(offsets / offsets.pow(2).sum((0, 2))[None, :, None])
+        centre = sums[0].sum(0) / counts[0].sum()
+        return torch.cat(directions).transpose(0, 1).float(), centre.float()
 
     def build(self, meta: dict) -> None:
         """Create the net for h described by `meta` (the shards' metadata)."""
@@ -196,6 +263,8 @@ class HClassifier(pl.LightningModule):
         self.columns = [list(available).index(a) for a in chosen]
         self.net = HNet({a: available[a] for a in chosen}, math.prod(meta["h_shape"]), meta["grid"],
                         self.hparams.head, self.hparams.anchors, meta["num_train_timesteps"], meta)
+        if self.hparams.direction == "class_means":  # filled in by setup, or by a checkpoint's state
+            self.net.fix_directions(torch.zeros_like(self.net.weight), torch.zeros(len(self.net.times), self.net.dim))
 
     def _step(self, batch: dict) -> tuple[Tensor, Tensor]:
         """(mean cross-entropy over attributes and timesteps, correct predictions [A, T_grid])."""
