@@ -321,23 +321,21 @@ def main(argv: list[str] | None = None) -> dict:
             record = flips(scorer, runs["vanilla"][0][0], guided, 0)
             record["male"] = scorer.labels([guided])["Male"].float().mean().item()
             loss_fix[loss].append(record)
-
-    results = {
-        "model": args.model, "hclf": args.hclf or args.model, "eval_classifier": args.eval_classifier,
-        "eval_accuracy": eval_accuracy, "hclf_accuracy": hclf_accuracy(args.hclf or
-                                                                                                  args.model),
-        "guidance_classifier": args.guidance_classifier, "samples": m, "seeds": args.seeds, "batch_size": n,
-        "steps": args.steps, "real_faces": args.real_faces, "scale": scale, "calibration": calibration,
-        "sample_scale": args.sample_scale, "image_scale": args.image_scale, "batches": args.batches,
-        "batch1_samples": args.batch1_samples,
-        "fd_floor": 0.564 / m ** 0.5, "device": str(next(evaluator.parameters()).device) if args.device == "auto"
-        else args.device, "cells": {key: aggregate(v) for key, v in rows.items()},
-        "loss_fix": {loss: {key: summary([r[key] for r in v]) for key in v[0]} for loss, v in loss_fix.items()},
-        "runs": str(root)}
-    args.out.mkdir(parents=True, exist_ok=True)
-    figure(root, args.out / "figures" / "debias.png")
-    (args.out / "results.json").write_text(json.dumps(results, indent=2))
-    (args.out / "results.md").write_text(markdown(results))
+        results = {  # written after every seed: an interrupted run keeps the seeds it finished
+            "model": args.model, "hclf": args.hclf or args.model, "eval_classifier": args.eval_classifier,
+            "eval_accuracy": eval_accuracy, "hclf_accuracy": hclf_accuracy(args.hclf or args.model),
+            "guidance_classifier": args.guidance_classifier, "samples": m, "seeds": seed + 1, "batch_size": n,
+            "steps": args.steps, "real_faces": args.real_faces, "scale": scale, "calibration": calibration,
+            "sample_scale": args.sample_scale, "image_scale": args.image_scale, "batches": args.batches,
+            "batch1_samples": args.batch1_samples,
+            "fd_floor": 0.564 / m ** 0.5, "device": str(next(evaluator.parameters()).device) if args.device == "auto"
+            else args.device, "cells": {key: aggregate(v) for key, v in rows.items()},
+            "loss_fix": {loss: {key: summary([r[key] for r in v]) for key in v[0]} for loss, v in loss_fix.items()},
+            "runs": str(root)}
+        args.out.mkdir(parents=True, exist_ok=True)
+        figure(root, args.out / "figures" / "debias.png")
+        (args.out / "results.json").write_text(json.dumps(results, indent=2))
+        (args.out / "results.md").write_text(markdown(results))
     print(markdown(results))
     return results
 

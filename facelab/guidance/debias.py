@@ -235,16 +235,16 @@ class HSpaceDebias(Guidance):
                 before = before or {a: p.detach() for a, p in probs.items()}
                 grad, = torch.autograd.grad(self.objective(probs, previous), x)
             x = (x - kappa * grad).detach()
-        after = self._probs(net, x, key)
+        logits = net(x, key)
+        after = {name: (logits[name] / self.temperature).softmax(-1) for name in self.objective.targets}
         before = before or after
-        final = net.predict(x, key)
-        self.last = {a: final[a] for a in after}
+        self.last = {name: logits[name].softmax(-1) for name in after}
         for name in after:
             for kind, probs in (("before", before), ("after", after)):
                 stats[kind][name] = stats[kind].get(name, 0.0) + probs[name].sum(0).double()
-        stats["n"] += len(x)
-        stats["dh"] += (x - h.float()).flatten(1).norm(dim=1).sum().item()
-        stats["h"] += h.float().flatten(1).norm(dim=1).sum().item()
+        stats["n"] += len(x)  # the sums stay on the device: no synchronisation per step
+        stats["dh"] += (x - h.float()).flatten(1).norm(dim=1).sum()
+        stats["h"] += h.float().flatten(1).norm(dim=1).sum()
         self._edited = self.mode != "vanilla"
         return x.to(h.dtype)
 
@@ -266,7 +266,7 @@ class HSpaceDebias(Guidance):
             for kind in ("before", "after"):
                 for name, total in stats[kind].items():
                     row.update({f"{name}_p{c}_{kind}": v for c, v in enumerate((total / stats["n"]).tolist())})
-            row["dh_norm"], row["h_norm"] = stats["dh"] / stats["n"], stats["h"] / stats["n"]
+            row["dh_norm"], row["h_norm"] = float(stats["dh"]) / stats["n"], float(stats["h"]) / stats["n"]
             rows.append(row)
         return rows
 

@@ -57,7 +57,7 @@ class HNet(nn.Module):
         self.heads, self.dim, self.kind = dict(heads), int(dim), kind
         self.times = [int(t) for t in times]
         keys = self.times if kind == "per_t" else torch.linspace(0, num_train_timesteps - 1, anchors).tolist()
-        self.register_buffer("keys", torch.tensor(keys, dtype=torch.float64), persistent=False)
+        self.keys = torch.tensor(keys, dtype=torch.float64)  # on the CPU: looking up heads never waits for a GPU
         outputs = sum(self.heads.values())
         self.weight = nn.Parameter(torch.zeros(len(keys), outputs, self.dim))
         self.bias = nn.Parameter(torch.zeros(len(keys), outputs))
@@ -97,7 +97,7 @@ class HNet(nn.Module):
 
     def mixing(self, times: Tensor) -> Tensor:
         """Weights [n, slots] that combine the stored heads into the heads of `times` [n]."""
-        times = times.to(self.keys.device, torch.float64)
+        times = times.to("cpu", torch.float64)
         if self.kind == "per_t":
             hits = times[:, None] == self.keys[None]
             missing = times[~hits.any(1)]
@@ -112,7 +112,7 @@ class HNet(nn.Module):
         """All heads' logits: h [B, ...] at one time t → [B, ΣK]; h [B, n, D] at times t [n] → [B, n, ΣK]."""
         single = isinstance(t, int) or (isinstance(t, Tensor) and t.ndim == 0)
         times = torch.as_tensor([int(t)] if single else t).reshape(-1)
-        mix = self.mixing(times)
+        mix = self.mixing(times).to(self.bias.device)
         stored_weight, stored_bias = self.stored_heads()
         weight, bias = torch.einsum("ns,sod->nod", mix, stored_weight), mix @ stored_bias
         x = h.reshape(len(h), 1, self.dim) if single else h.reshape(len(h), len(times), self.dim)
