@@ -34,6 +34,11 @@ from facelab.models.hclassifier import LOOKUPS, HNet, load_hclassifier
 MODES = ("vanilla", "sample", "distribution")
 LOSSES = {"distribution": ("chi2", "kl", "l2"), "sample": ("logprob", "prob")}
 DEFAULT_LOSS = {"distribution": "chi2", "sample": "logprob"}
+# Softmax temperature by mode. Distribution guidance compares p̄ with the target, so p̄ must estimate the batch's class
+# distribution: a temperature above 1 pulls it toward uniform, and a target between the true fraction and 1/K is then
+# pushed the wrong way (measured: Male 0.85 → 0.92 at target 0.7 with the reference's 8). In sample mode it only
+# softens each sample's step; the reference's 8 (and its scale 15) stay.
+DEFAULT_TEMPERATURE = {"vanilla": 1.0, "distribution": 1.0, "sample": 8.0}
 DEFAULT_TARGET = {"Male": 0.5}
 RUNNING = ("none", "cumulative")
 STEP_SCHEDULE = {"base": 1.5, "power": 0.05, "gain": 300.0}
@@ -147,7 +152,7 @@ class HSpaceDebias(Guidance):
 
     def __init__(self, classifier: HNet | str, target: Mapping | None = None, mode: str = "distribution",
                  loss: str | None = None, scale: float | Mapping[str, float] = 15.0, scale_per_sample: bool = True,
-                 running_estimate: str = "none", temperature: float = 8.0, window: Sequence[int] | None = None,
+                 running_estimate: str = "none", temperature: float | None = None, window: Sequence[int] | None = None,
                  step_schedule: Mapping | None = None, grad_steps: int = 1, head_lookup: str = "exact",
                  asymmetric: bool = False):
         self.net = classifier if isinstance(classifier, HNet) else load_hclassifier(classifier)
@@ -157,6 +162,7 @@ class HSpaceDebias(Guidance):
             raise InputError(f"running_estimate={running_estimate!r}: use one of {', '.join(RUNNING)}")
         if head_lookup not in LOOKUPS:
             raise InputError(f"head_lookup={head_lookup!r}: use one of {', '.join(LOOKUPS)}")
+        temperature = DEFAULT_TEMPERATURE.get(mode, 1.0) if temperature is None else temperature
         if grad_steps < 1 or temperature <= 0:
             raise InputError(f"grad_steps={grad_steps}, temperature={temperature}: need grad_steps ≥ 1 and "
                              "temperature > 0")
@@ -278,11 +284,12 @@ class ImageDebias(Guidance):
     """
 
     def __init__(self, classifier, target: Mapping | None = None, mode: str = "sample", loss: str | None = None,
-                 scale: float | Mapping[str, float] = 15.0, scale_per_sample: bool = True, temperature: float = 8.0,
+                 scale: float | Mapping[str, float] = 15.0, scale_per_sample: bool = True, temperature: float | None = None,
                  window: Sequence[int] | None = None):
         if mode == "vanilla":
             raise InputError("the image-space baseline guides: use mode=sample or mode=distribution")
-        self.classifier, self.temperature = classifier, float(temperature)
+        self.classifier = classifier
+        self.temperature = float(DEFAULT_TEMPERATURE.get(mode, 1.0) if temperature is None else temperature)
         self.objective = Objective(target, classifier.heads, mode, loss, scale, scale_per_sample)
         self.window = check_window(window, [0, 10 ** 9])
 
