@@ -147,6 +147,22 @@ def test_kl_and_l2_take_zero_one_targets_chi2_refuses():
         Objective({"Male": 1.0}, net.heads, "distribution", "chi2")
 
 
+def test_default_temperature_steps_a_calibrated_batch_toward_the_target():
+    """A calibrated head reads Male 0.86 in a batch and the target is 0.7: the distribution step must lower P(male).
+    The default temperature (1 in distribution mode) does; the reference's 8 pulls p̄ toward 0.5, below 0.7, and
+    steps the wrong way. Sample guidance keeps the reference's 8."""
+    net = HNet({"Male": 2}, 1, [500])
+    with torch.no_grad():
+        net.weight[0, :, 0] = torch.tensor([-1.0, 1.0])  # logit difference 2h
+    h = torch.tensor([[1.5], [0.6]]).repeat(4, 1)  # P(male) 0.953 and 0.769: mean 0.861
+    male = lambda x: net.predict(x, 500)["Male"][:, 1].mean().item()  # noqa: E731
+    assert male(h) == pytest.approx(0.861, abs=1e-3)
+    default = HSpaceDebias(net, {"Male": 0.7}, scale=1.0)
+    assert default.temperature == 1.0 and male(default.edit(h, 500, kappa=0.1)) < male(h)
+    assert male(HSpaceDebias(net, {"Male": 0.7}, scale=1.0, temperature=8.0).edit(h, 500, kappa=0.1)) > male(h)
+    assert HSpaceDebias(net, {"Male": 1}, mode="sample").temperature == 8.0
+
+
 def test_running_estimate_pools_earlier_batches():
     """p̄_eff = (n_prev·p̂_prev + Σ p_i)/(n_prev + N), gradient scaled by n_prev + N (scale_per_sample)."""
     net = linear_head()

@@ -2,13 +2,16 @@
 and how far distribution guidance with each moves the faces. Writes results_heads.md / .json here.
 
     python experiments/debias/heads.py HSPACE --heads free=ddpm64_biased means=DIR [--targets 0.3 0.7]
-        [--scales 0.3 1 3 10 30] [--samples 500] [--runs RUNS]
+        [--scales 0.3 1 3 10 30] [--samples 500] [--temperature T] [--name NAME] [--runs RUNS]
 
 HSPACE: the shards both heads were trained on (train_zoo.py's outputs/zoo/ddpm64_biased/facelab.sample/hspace).
 1. Per head, the cosine at every t of its Male direction (w_male − w_female) with μ_male − μ_female of h in HSPACE;
 2. distribution guidance on `ddpm64_biased` at each target Male fraction and scale, --samples images of seed 100
    (the main protocol's seeds are 0..2): the held-out evaluator's Male fraction, the head's own final read and the
    mean edit ‖Δh‖/‖h‖. A diagnosis, not the headline: evaluate.py calibrates its scale with the guidance classifier.
+Writes results_heads_NAME.md / .json. The committed ones ran at --temperature 8 (then the default): inverted = the
+free and class-mean heads on h of inverted faces (the zoo's recipe before), trajectory = heads on h of the model's own
+trajectories labelled by attr64 (`method=hextract method.source=trajectory`, the zoo's recipe now).
 """
 from __future__ import annotations
 
@@ -33,6 +36,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--scales", type=float, nargs="+", default=[0.3, 1, 3, 10, 30])
     parser.add_argument("--samples", type=int, default=500)
     parser.add_argument("--batch-size", type=int, default=100)
+    parser.add_argument("--temperature", type=float, help="guidance temperature (default: the method's)")
+    parser.add_argument("--name", default="scan", help="results_heads_NAME.md / .json")
     parser.add_argument("--runs", type=Path, help="run folder (finished cells are reused)")
     args = parser.parse_args(argv)
     heads = dict(item.split("=", 1) for item in args.heads)
@@ -51,19 +56,21 @@ def main(argv: list[str] | None = None) -> dict:
     for name, source in heads.items():
         for target in args.targets:
             for scale in args.scales:
-                run = cells(f"{name}_m{target:g}_s{scale:g}", ["mode=distribution", f"method.hclf={source}",
-                                                               f"target.Male={target}", f"method.scale={scale:g}"])
+                run = cells(f"{name}_m{target:g}_s{scale:g}", [
+                    "mode=distribution", f"method.hclf={source}", f"target.Male={target}", f"method.scale={scale:g}",
+                    *([f"method.temperature={args.temperature:g}"] if args.temperature else [])])
                 m = json.loads((run / "metrics.json").read_text())
                 rows.append({"head": name, "target": target, "scale": scale, "male": m["fractions"]["Male"][1],
                              "hclf_read": m["attributes"]["Male"]["hclf_fractions"][1],
                              "dh_over_h": m["dh_norm_mean"] / m["h_norm_mean"],
                              "time_ratio": m["seconds_per_image"] / vanilla["seconds_per_image"]})
     results = {"faces": faces, "grid": grid, "heads": heads, "cosine": cosine, "samples": args.samples,
+               "temperature": args.temperature,
                "vanilla_male": vanilla["fractions"]["Male"][1],
                "accuracy": {name: hclf_accuracy(source) for name, source in heads.items()}, "rows": rows,
                "runs": str(root)}
-    (HERE / "results_heads.json").write_text(json.dumps(results, indent=2))
-    (HERE / "results_heads.md").write_text(markdown(results))
+    (HERE / f"results_heads_{args.name}.json").write_text(json.dumps(results, indent=2))
+    (HERE / f"results_heads_{args.name}.md").write_text(markdown(results))
     print(markdown(results))
     return results
 
@@ -79,8 +86,9 @@ def markdown(res: dict) -> str:
         accuracy = res["accuracy"][name].get("Male")
         lines.append(f"| {name} | {'' if accuracy is None else f'{accuracy:.3f}'} | {statistics.fmean(cos):.2f} | "
                      + " | ".join(f"{cos[i]:.2f}" for i in every) + " |")
-    lines += ["", f"Distribution guidance on `ddpm64_biased`, {res['samples']} images (seed 100), Male fraction by "
-                  f"the held-out `attr64_eval` (vanilla {res['vanilla_male']:.3f}):", "",
+    temperature = res.get("temperature") or "the method's default"
+    lines += ["", f"Distribution guidance on `ddpm64_biased` (temperature {temperature}), {res['samples']} images "
+                  f"(seed 100), Male fraction by the held-out `attr64_eval` (vanilla {res['vanilla_male']:.3f}):", "",
               "| head | target | scale | Male fraction | within ±0.05 | head's final read | mean ‖Δh‖/‖h‖ | "
               "time × vanilla |", "|---|---:|---:|---:|:---:|---:|---:|---:|"]
     for r in res["rows"]:

@@ -42,16 +42,18 @@ HSPACE = "outputs/zoo/ddpm64_biased/facelab.sample/hspace"  # the h extraction's
 EXTRAS = {
     "ddpm64": [("facelab.fuzzy_stats", ["model.pretrained=ddpm64", "N=128", "batch_size=32", "overwrite=true",
                                         "out=facelab/zoo/ddpm64/fuzzy_stats.safetensors"], None)],
-    # method=debias's h-classifier: h of 2000 labelled synthetic faces from a split no other zoo model saw (seed 3;
-    # the DDPMs trained on seeds 0 and 2, the evaluation classifier on seed 1, debias's real faces are seed 1 from
-    # index 950000), balanced in Male and skin_tone, DDIM-inverted on the debias sampler's grid (DDIM, 50 steps);
-    # then Male and skin_tone heads per timestep.
+    # method=debias's h-classifier: h along 2000 of the biased model's own sampling trajectories (DDIM η = 1, 50 steps:
+    # the debias sampler's grid; seed 1000, unseen by the debias evaluation's seeds 0-2, 100 and 10000+), labelled by
+    # the guidance classifier attr64 (the evaluator attr64_eval stays unseen); then Male and skin_tone heads per
+    # timestep fixed to the class means (experiments/debias/results_heads_*.md: free heads, or heads fitted on
+    # inverted faces, move h along directions the decoder ignores and misread the generated distribution at high t).
     "ddpm64_biased": [
-        ("facelab.sample", ["method=hextract", "model.pretrained=ddpm64_biased", "num_samples=2000", "progress=false",
-                            "method.faces.seed=3", "method.faces.start=0", "method.attributes=[Male,skin_tone]",
-                            "+method.faces.priors.skin_tone=[0.34,0.33,0.33]"], None),
-        ("facelab.train", ["+experiment=hclf_gender", "model.attributes=[Male,skin_tone]",
-                           f"data.dataset.path={HSPACE}", "trainer.enable_progress_bar=false"], ("hclf", "hclf")),
+        ("facelab.sample", ["method=hextract", "method.source=trajectory", "method.classifier=attr64",
+                            "model.pretrained=ddpm64_biased", "num_samples=2000", "batch_size=250", "seed=1000",
+                            "progress=false", "method.attributes=[Male,skin_tone]"], None),
+        ("facelab.train", ["+experiment=hclf_gender", "model.attributes=[Male,skin_tone]", "model.direction=class_means",
+                           "model.lr=0.02", f"data.dataset.path={HSPACE}", "trainer.enable_progress_bar=false"],
+         ("hclf", "hclf")),
     ],
 }
 
