@@ -3,7 +3,12 @@ differ? Writes results_alignment.md / .json here.
 
     python -m facelab.sample method=hextract model.pretrained=ddpm64_biased num_samples=512 method.faces.seed=3 \
         'method.attributes=[Male,skin_tone]' '+method.faces.priors.skin_tone=[0.34,0.33,0.33]' method.out=DIR
-    python experiments/debias/alignment.py DIR [--samples 100] [--runs RUNS]
+    git archive 16b6cb4 facelab/zoo/ddpm64_biased/hclf | tar x -C /tmp/free   # the free head studied here
+    python experiments/debias/alignment.py DIR --hclf /tmp/free/facelab/zoo/ddpm64_biased/hclf [--samples 100]
+        [--scales 1 3 10] [--runs RUNS]
+
+Guidance runs at the original's temperature 8 (the default when this study ran). The zoo's h-classifier is since
+the class-mean head on trajectories that this study led to (heads.py, results.md).
 
 1. Per timestep, the cosine between the zoo h-classifier's Male direction (w_male − w_female) and the class-mean
    difference of h (μ_male − μ_female) on the inverted faces in DIR (above: the first 512 of the zoo h-classifier's
@@ -89,7 +94,8 @@ def main(argv: list[str] | None = None) -> dict:
     heads = [("trained", args.hclf, args.scales[0])] + [("mean difference", head, scale) for scale in args.scales]
     for label, hclf, scale in heads:
         runs[label, scale] = cells(f"distribution_{label.replace(' ', '_')}_s{scale:g}", [
-            "mode=distribution", f"method.scale={scale:g}", f"target.Male={TARGET}", f"method.hclf={hclf}"])
+            "mode=distribution", f"method.scale={scale:g}", f"target.Male={TARGET}", f"method.hclf={hclf}",
+            "method.temperature=8"])
     rows = []
     for (label, scale), run in runs.items():
         m = json.loads((run / "metrics.json").read_text())
