@@ -92,3 +92,14 @@ def test_bad_input_inside_a_config_built_dataset_is_one_line(tmp_path):
                      f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
     assert result.returncode == 2 and "class folder root not found" in result.stderr
     assert "Traceback" not in result.stderr and "InstantiationException" not in result.stderr
+
+
+def test_zoo_names_are_the_pixel_ddpms():
+    """Latent models (a unet/ beside a vae/) are not pixel DDPMs: load_denoiser refuses them by name clearly."""
+    from facelab.io.errors import InputError
+    from facelab.models.pretrained import zoo_names
+
+    assert {"ddpm64", "ddpm64_biased", "cyclediff64"} <= set(zoo_names())
+    assert not {"ldm_mask64", "ldm_text64", "vae64"} & set(zoo_names())
+    with pytest.raises(InputError, match="model.pretrained=ldm_mask64: not a zoo model"):
+        load_denoiser("ldm_mask64")

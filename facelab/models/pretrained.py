@@ -20,7 +20,10 @@ _UNETS = {"UNet2DModel": UNet2DModel, "UNet2DConditionModel": UNet2DConditionMod
 
 
 def zoo_names() -> list[str]:
-    return sorted(p.name for p in ZOO_DIR.iterdir() if (p / "unet").is_dir()) if ZOO_DIR.is_dir() else []
+    """The zoo's pixel DDPMs (a unet/ without a vae/: latent models load through facelab.models.latent)."""
+    if not ZOO_DIR.is_dir():
+        return []
+    return sorted(p.name for p in ZOO_DIR.iterdir() if (p / "unet").is_dir() and not (p / "vae").is_dir())
 
 
 def load_denoiser(pretrained: str, device: str | torch.device = "cpu") -> Denoiser:
