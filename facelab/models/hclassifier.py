@@ -9,8 +9,9 @@ attributes, 3 for skin_tone). Two kinds:
 A per_t net can have its directions fixed (`fix_directions`, HClassifier's `direction=class_means`): each class's
 weight vector is its centred class mean of h at that t, and only a gain per t and attribute and the biases train.
 Its gradient w.r.t. h then points along the class-mean differences, the directions the faces actually differ in;
-a free head also uses directions the decoder ignores (the zoo model's free Male head has cosine 0.29 with the mean
-difference, experiments/debias/results_alignment.md), so guiding with it moves h more and the faces less.
+a free head also uses directions the decoder ignores (a free Male head on the zoo's biased model has cosine 0.29
+with the mean difference, experiments/debias/results_heads_inverted.md), so guiding with it moves h more and the
+faces less.
 `HClassifier` trains it (cross-entropy per attribute and timestep) on the shards of `method=hextract`
 (`data=hspace`), logs the validation accuracy per attribute and timestep and writes it as `hclf_accuracy.csv` and
 `hclf_accuracy.png` in the run directory. Export: `hclf/` = config.json (heads, kind, grid, the model id and
