@@ -172,12 +172,13 @@ def test_running_estimate_pools_earlier_batches():
     pooled = objective({"Male": torch.cat([previous, net.predict(h, 500, T_C)["Male"]])})
     running = objective(net.predict(h, 500, T_C), {"Male": (7, previous.sum(0))})
     torch.testing.assert_close(running, pooled)
-    # through the term: the second batch's step sees the first batch's guided predictions
+    # through the term: the second batch's step sees the first batch's predictions before its edit (where its
+    # trajectory was; the next step reads h afresh, so the edited read is not where the image goes)
     term = HSpaceDebias(net, {"Male": 0.5}, running_estimate="cumulative", temperature=T_C, scale=1.0)
-    first = term.edit(h[:1], 500, kappa=0.5)
-    after = net.predict(first, 500, T_C)["Male"]
+    term.edit(h[:1], 500, kappa=0.5)
+    before = net.predict(h[:1], 500, T_C)["Male"]
     x = h[1:].clone().requires_grad_(True)
-    expected = torch.autograd.grad(objective(net.predict(x, 500, T_C), {"Male": (1, after.sum(0).double())}), x)[0]
+    expected = torch.autograd.grad(objective(net.predict(x, 500, T_C), {"Male": (1, before.sum(0).double())}), x)[0]
     torch.testing.assert_close(term.edit(h[1:], 500, kappa=0.5), h[1:] - 0.5 * expected)
     assert term.stats[500]["n"] == 2
 
