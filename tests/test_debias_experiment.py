@@ -96,8 +96,8 @@ def test_zoo_extras_build_and_install_the_hclf(tiny_model_dir, tmp_path, monkeyp
     tiny = [f"model.pretrained={tiny_model_dir}", "num_samples=6", "batch_size=3", "sampler.steps=4"]
     assert "model.direction=class_means" in train_args
     # a tiny model's 6 trajectories rarely show every class, which class means need: free heads here
-    shrink = ["model.direction=free", "data.batch_size=2", "data.val_fraction=0.34", "trainer.max_steps=2", "trainer.val_check_interval=1",
-              "trainer.accelerator=cpu", "trainer.enable_model_summary=false"]
+    shrink = ["model.direction=free", "data.batch_size=2", "data.val_fraction=0.34", "trainer.max_steps=2",
+              "trainer.val_check_interval=1", "trainer.accelerator=cpu", "trainer.enable_model_summary=false"]
     hspace = tmp_path / "outputs" / "zoo" / "tiny" / extract / "hspace"
     monkeypatch.setattr(zoo, "ROOT", tmp_path)
     monkeypatch.setattr(zoo, "EXTRAS", {"tiny": [

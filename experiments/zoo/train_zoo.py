@@ -51,8 +51,9 @@ EXTRAS = {
         ("facelab.sample", ["method=hextract", "method.source=trajectory", "method.classifier=attr64",
                             "model.pretrained=ddpm64_biased", "num_samples=2000", "batch_size=250", "seed=1000",
                             "progress=false", "method.attributes=[Male,skin_tone]"], None),
-        ("facelab.train", ["+experiment=hclf_gender", "model.attributes=[Male,skin_tone]", "model.direction=class_means",
-                           "model.lr=0.02", f"data.dataset.path={HSPACE}", "trainer.enable_progress_bar=false"],
+        ("facelab.train", ["+experiment=hclf_gender", "model.attributes=[Male,skin_tone]",
+                           "model.direction=class_means", "model.lr=0.02", f"data.dataset.path={HSPACE}",
+                           "trainer.enable_progress_bar=false"],
          ("hclf", "hclf")),
     ],
 }

@@ -286,8 +286,8 @@ class ImageDebias(Guidance):
     """
 
     def __init__(self, classifier, target: Mapping | None = None, mode: str = "sample", loss: str | None = None,
-                 scale: float | Mapping[str, float] = 15.0, scale_per_sample: bool = True, temperature: float | None = None,
-                 window: Sequence[int] | None = None):
+                 scale: float | Mapping[str, float] = 15.0, scale_per_sample: bool = True,
+                 temperature: float | None = None, window: Sequence[int] | None = None):
         if mode == "vanilla":
             raise InputError("the image-space baseline guides: use mode=sample or mode=distribution")
         self.classifier = classifier
