@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 RUN := WANDB_MODE=offline HF_HUB_OFFLINE=1 $(BIN)/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-all demo zoo bench clean
+.PHONY: install test test-all lint demo zoo bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -24,6 +24,9 @@ test: $(STAMP)
 test-all: $(STAMP)
 	WANDB_MODE=disabled HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m ""
 
+lint: $(STAMP)
+	$(BIN)/python -m ruff check .
+
 demo: $(STAMP)
 	$(RUN) experiments/demo/run.py
 
@@ -34,4 +37,4 @@ bench: $(STAMP)
 	$(RUN) experiments/bench/sampling_overhead.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) .pytest_cache .ruff_cache

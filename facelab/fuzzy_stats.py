@@ -11,7 +11,7 @@ from facelab.methods.fuzzy_stats import compute_stats
 from facelab.utils import entry_point
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="fuzzy_stats")
+@hydra.main(version_base="1.3", config_path="conf", config_name="fuzzy_stats")
 @entry_point
 def main(cfg: DictConfig) -> None:
     print(f"wrote {compute_stats(cfg)}")

@@ -45,7 +45,7 @@ def run_cell(out: Path, overrides: list[str]) -> dict:
     return metrics
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="sample")
+@hydra.main(version_base="1.3", config_path="conf", config_name="sample")
 @entry_point
 def main(cfg: DictConfig) -> None:
     run_sample(cfg)

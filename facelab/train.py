@@ -66,7 +66,7 @@ def run_train(cfg: DictConfig) -> dict[str, float]:
     return metrics
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+@hydra.main(version_base="1.3", config_path="conf", config_name="train")
 @entry_point
 def main(cfg: DictConfig) -> float | None:
     metrics = run_train(cfg)

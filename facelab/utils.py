@@ -11,15 +11,20 @@ from hydra.types import RunMode
 
 from facelab.io.errors import InputError
 
-ROOT = Path(__file__).resolve().parents[1]
+PACKAGE_DIR = Path(__file__).resolve().parent
+CONF_DIR = PACKAGE_DIR / "conf"  # the Hydra configs ship inside the package; the repository's conf/ links here
+ROOT = PACKAGE_DIR.parent  # the repository root in a source checkout (site-packages in an installed package)
 
 
 def compose_config(config_name: str, overrides: list[str], run_dir: Path):
     """Compose a primary config as the CLI would, with the run directory at `run_dir`."""
     from hydra import compose, initialize_config_dir
 
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return compose(config_name, overrides=[*overrides, f"paths.output_dir={run_dir}", f"paths.root_dir={ROOT}"])
+    # paths.root_dir (data/, outputs/cache) is the repository root in a source checkout; an installed package keeps
+    # the config's default (FACELAB_ROOT, else the working directory), never site-packages.
+    root = [f"paths.root_dir={ROOT}"] if (ROOT / "pyproject.toml").is_file() else []
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose(config_name, overrides=[*overrides, f"paths.output_dir={run_dir}", *root])
 
 
 def in_sweep() -> bool:

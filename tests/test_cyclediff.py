@@ -12,10 +12,11 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from hydra.utils import instantiate
 from diffusers import DDPMScheduler
 
 from conftest import CONF, TINY_TRAIN, TINY_UNET, compose, run_cli
-from facelab.diffusion import Schedule, State, sample
+from facelab.diffusion import DDIM, DDPM, Schedule, State, sample
 from facelab.guidance.cyclediff import (
     AttributeLoss,
     Context,
@@ -23,7 +24,6 @@ from facelab.guidance.cyclediff import (
     CycleStepByStep,
     CycleToOrigin,
     StepNoise,
-    Update,
 )
 from facelab.io.errors import InputError
 from facelab.io.images import save_image
@@ -65,8 +65,9 @@ class DeltaModel:
         return (x - math.sqrt(a) * torch.where(cond[:, :1, None, None] > 0, self.src, self.tgt)) / math.sqrt(1 - a)
 
 
-def state_at(x, t, s, model, cond, i=0):
-    state = State(x=x, t=t, s=s, i=i, cond=cond, model=model, schedule=SCHEDULE)
+def state_at(x, t, s, model, cond, i=0, sampler=None):
+    sampler = sampler or DDIM(clip=False)
+    state = State(x=x, t=t, s=s, i=i, cond=cond, model=model, schedule=SCHEDULE, sampler=sampler)
     state.x_t = x
     return state
 
@@ -161,10 +162,11 @@ def test_experiments_compose(tmp_path):
     noisy = compose("train", ["+experiment=attr_clf_noisy"], tmp_path)
     assert noisy.model.noise_aware and noisy.model.scheduler.beta_end == 0.02
     reference = compose("sample", ["method=cyclediff_reference"], tmp_path)
-    assert (reference.sampler.name, reference.sampler.steps, reference.sampler.clip) == ("ddpm", 1000, False)
+    assert (instantiate(reference.sampler).name, reference.sampler.steps, reference.sampler.clip) == ("ddpm", 1000, False)
     assert reference.method.start == "original" and reference.method.weights.cycle == 1000
     default = compose("sample", ["method=cyclediff"], tmp_path)
-    assert (default.sampler.name, default.sampler.steps, default.method.start) == ("ddim", 50, "ddim_inversion")
+    assert (instantiate(default.sampler).name, default.sampler.steps, default.method.start) == ("ddim", 50,
+                                                                                                "ddim_inversion")
 
 
 # --- guidance maths ------------------------------------------------------------------------------------------
@@ -179,9 +181,9 @@ def test_step_by_step_cycle_is_the_one_step_kernel_with_shared_noise(variance, t
     model, x_t, x_src = LinearModel(), rand(2, 3, 4, 4, seed=1), rand(2, 3, 4, 4, seed=2)
     y_src, y_tgt = torch.ones(2, 3, dtype=torch.float64), -torch.ones(2, 3, dtype=torch.float64)
     z = rand(2, 3, 4, 4, seed=3)
-    term = CycleStepByStep(x_src, y_src, Update("ddpm", variance_type=variance), noises=[None, z],
-                           generator=torch.Generator().manual_seed(4))
-    loss = term(Context(state_at(x_t, t, t - 1, model, y_tgt, i=1), x_t))
+    ddpm = DDPM(variance_type=variance, clip=False)
+    term = CycleStepByStep(x_src, y_src, noises=[None, z], generator=torch.Generator().manual_seed(4))
+    loss = term(Context(state_at(x_t, t, t - 1, model, y_tgt, i=1, sampler=ddpm), x_t))
     # by hand: x_{t−1} = μ(x_t, y_tgt) + σ z; x̃_t = √(1−β_t)·x_{t−1} + √β_t·ξ; back with the same z
     draws = torch.Generator().manual_seed(4)
     eps_target = torch.randn(x_src.shape, generator=draws, dtype=torch.float64)
@@ -195,9 +197,8 @@ def test_step_by_step_cycle_is_the_one_step_kernel_with_shared_noise(variance, t
     torch.testing.assert_close(loss, (x_back - target).pow(2).flatten(1).mean(1))
     # the source's own trajectory replaces q_sample(x_src, t − 1) when given
     path = [None, rand(2, 3, 4, 4, seed=5)]
-    term = CycleStepByStep(x_src, y_src, Update("ddpm", variance_type=variance), [None, z], path,
-                           torch.Generator().manual_seed(4))
-    with_path = term(Context(state_at(x_t, t, t - 1, model, y_tgt, i=1), x_t))
+    term = CycleStepByStep(x_src, y_src, [None, z], path, torch.Generator().manual_seed(4))
+    with_path = term(Context(state_at(x_t, t, t - 1, model, y_tgt, i=1, sampler=ddpm), x_t))
     torch.testing.assert_close(with_path, (x_back - (path[1] if t > 0 else x_src)).pow(2).flatten(1).mean(1))
 
 
@@ -206,8 +207,9 @@ def test_step_reference_renoises_as_if_clean_and_wraps_at_zero():
     model, x_t, x_src = LinearModel(), rand(1, 3, 4, 4, seed=1), rand(1, 3, 4, 4, seed=2)
     y_src, y_tgt = torch.ones(1, 2, dtype=torch.float64), -torch.ones(1, 2, dtype=torch.float64)
     for t, s_ref in ((300, 299), (0, 999)):
-        term = CycleStepByStep(x_src, y_src, Update("ddpm"), generator=torch.Generator().manual_seed(7), reference=True)
-        loss = term(Context(state_at(x_t, t, t - 1, model, y_tgt), x_t))
+        term = CycleStepByStep(x_src, y_src, generator=torch.Generator().manual_seed(7), reference=True)
+        loss = term(Context(state_at(x_t, t, t - 1, model, y_tgt, sampler=DDPM(variance_type="fixed_large", clip=False)),
+                            x_t))
         draws = torch.Generator().manual_seed(7)
         n = [torch.randn(x_src.shape, generator=draws, dtype=torch.float64) for _ in range(5)]  # n[0]: unused target ε
         sigma = BETAS[t].sqrt() if t > 0 else 0.0
@@ -246,10 +248,10 @@ def test_guidance_update_is_the_mean_or_score_form(form):
     """DDPM: μ' = μ_θ + Σ_t·g (Σ_t = β_t or β̃_t); DDIM: ε' = ε − √(1−ᾱ_t)·g; g = −λ·∇L."""
     model, x_t, w, z = LinearModel(), rand(2, 3, 4, 4, seed=1), rand(1, 3, 4, 4, seed=2), rand(2, 3, 4, 4, seed=3)
     y, t, s, weight = torch.ones(2, 2, dtype=torch.float64), 700, 699, 0.3
-    sampler, variance = ("ddim", "fixed_large") if form == "ddim" else ("ddpm", form.replace("ddpm_", "fixed_"))
-    guidance = CycleDiffGuidance({"linear": (weight, Linear(w))}, Update(sampler, 0.0, variance))
-    out = sample(model, SCHEDULE, x_t, [t], final=s, guidance=[guidance], sampler=sampler, variance_type=variance,
-                 noises=[z], cond=y, progress=False)
+    sampler = DDIM(clip=False) if form == "ddim" else DDPM(variance_type=form.replace("ddpm_", "fixed_"), clip=False)
+    guidance = CycleDiffGuidance({"linear": (weight, Linear(w))})
+    out = sample(model, SCHEDULE, x_t, [t], final=s, guidance=[guidance], sampler=sampler, noises=[z], cond=y,
+                 progress=False)
     g = -weight * w
     eps = model(x_t, t, y)
     if form == "ddim":
@@ -269,7 +271,7 @@ def test_gradient_normalisation_gives_each_term_unit_rms():
     state = state_at(x_t, 500, 480, model, y)
     state.eps = model(x_t, 500, y)
     eps = state.eps.clone()
-    CycleDiffGuidance({"a": (2.0, Linear(w)), "b": (1.0, Linear(5 * w))}, Update(), grad_norm=True).after_model(state)
+    CycleDiffGuidance({"a": (2.0, Linear(w)), "b": (1.0, Linear(5 * w))}, grad_norm=True).after_model(state)
     unit = w / w.pow(2).mean().sqrt()
     torch.testing.assert_close(state.eps, eps + (1 - ABAR[500]).sqrt() * 3.0 * unit)
 

@@ -10,7 +10,17 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, UNet2DConditionModel, UNet2DModel
 
-from facelab.diffusion import Denoiser, Guidance, Schedule, ddim_invert, edit_friendly_invert, repaint_timesteps, sample
+from facelab.diffusion import (
+    DDIM,
+    DDPM,
+    Denoiser,
+    Guidance,
+    Schedule,
+    ddim_invert,
+    edit_friendly_invert,
+    repaint_timesteps,
+    sample,
+)
 
 FIXTURE = Path(__file__).parent / "fixtures" / "ddpm-celebahq-256"
 CONFIG = json.loads((FIXTURE / "scheduler" / "scheduler_config.json").read_text())
@@ -85,7 +95,7 @@ def test_ddpm_sampling_reproduces_data_moments(schedule):
     n = 4000
     _, g = gaussian_data(0, 1)
     x_T = torch.randn(n, 4, generator=g, dtype=torch.float64)
-    out = sample(GaussianDenoiser(), schedule, x_T, schedule.timesteps(1000), sampler="ddpm", generator=g,
+    out = sample(GaussianDenoiser(), schedule, x_T, schedule.timesteps(1000), sampler=DDPM(clip=False), generator=g,
                  progress=False)
     assert_moments(out, n)
 
@@ -99,7 +109,7 @@ def test_respaced_and_repaint_learned_range_sampling(schedule, jumps):
     _, g = gaussian_data(0, 2)
     x_T = torch.randn(n, 4, generator=g, dtype=torch.float64)
     model = GaussianDenoiser(prev_map(times))
-    out = sample(model, schedule, x_T, times, sampler="ddpm", variance_type="learned_range", generator=g,
+    out = sample(model, schedule, x_T, times, sampler=DDPM(variance_type="learned_range", clip=False), generator=g,
                  progress=False)
     assert len(model.inputs) == (2410 if jumps else 250)
     assert_moments(out, n)
@@ -113,7 +123,7 @@ def test_edit_friendly_inversion_replays_its_trajectory(schedule, eta):
     x_T, noises = edit_friendly_invert(inverter, schedule, x0, grid, eta=eta, generator=g)
     assert noises.shape == (20, 64, 4) and not noises[-1].any()
     replay = GaussianDenoiser()
-    out = sample(replay, schedule, x_T, grid, eta=eta, noises=noises, progress=False)
+    out = sample(replay, schedule, x_T, grid, sampler=DDIM(eta=eta, clip=False), noises=noises, progress=False)
     # every network input (the grid latents x_t) is hit to float precision
     for seen, drawn in zip(replay.inputs, inverter.inputs, strict=True):
         assert torch.allclose(seen, drawn, atol=1e-12, rtol=0)
@@ -161,8 +171,8 @@ def test_ddim_loop_matches_diffusers_loop(unet, schedule):
     with torch.no_grad():
         for k, t in enumerate(ref.timesteps):
             x = ref.step(unet(x, t).sample, t, x, eta=1.0, variance_noise=noises[k]).prev_sample
-    ours = sample(Denoiser(unet, schedule), schedule, x_T, schedule.timesteps(10), eta=1.0, noises=noises,
-                  clip=True, progress=False)
+    ours = sample(Denoiser(unet, schedule), schedule, x_T, schedule.timesteps(10), sampler=DDIM(eta=1.0, clip=True),
+                  noises=noises, progress=False)
     assert torch.allclose(ours, x, atol=1e-5)
 
 
@@ -177,8 +187,8 @@ def test_ddpm_learned_range_loop_matches_diffusers_loop(schedule):
     with torch.no_grad():
         for t in grid:
             x = ref.step(unet6(x, t).sample, t, x, generator=g).prev_sample
-    ours = sample(Denoiser(unet6, schedule), schedule, x_T, grid, sampler="ddpm", variance_type="learned_range",
-                  clip=True, generator=torch.Generator().manual_seed(7), progress=False)
+    ours = sample(Denoiser(unet6, schedule), schedule, x_T, grid, sampler=DDPM(variance_type="learned_range", clip=True),
+                  generator=torch.Generator().manual_seed(7), progress=False)
     assert torch.allclose(ours, x, atol=1e-5)
 
 
@@ -250,7 +260,7 @@ def test_asymmetric_step_in_loop(schedule):
     expected = b ** 0.5 * (x_T - (1 - a) ** 0.5 * 0.5) / a ** 0.5 + (1 - b) ** 0.5 * 0.3
     assert torch.allclose(out, expected, atol=1e-12)
     with pytest.raises(ValueError, match="asymmetric"):
-        sample(model, schedule, x_T, [700], guidance=[Asymmetric()], sampler="ddpm", progress=False)
+        sample(model, schedule, x_T, [700], guidance=[Asymmetric()], sampler=DDPM(), progress=False)
 
 
 class HShift(Guidance):
@@ -309,13 +319,13 @@ def test_randomness_only_from_generator(unet, schedule):
     denoiser = Denoiser(unet, schedule)
     x_T = torch.zeros(1, 3, 16, 16)
     rng = torch.get_rng_state()
-    runs = [sample(denoiser, schedule, x_T, schedule.timesteps(3), eta=1.0, sampler=sampler,
+    runs = [sample(denoiser, schedule, x_T, schedule.timesteps(3), sampler=sampler,
                    generator=torch.Generator().manual_seed(5), progress=False)
-            for sampler in ("ddim", "ddim", "ddpm")]
+            for sampler in (DDIM(eta=1.0), DDIM(eta=1.0), DDPM())]
     assert torch.equal(torch.get_rng_state(), rng)
     assert torch.equal(runs[0], runs[1])
     noises = [torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(i)) for i in range(3)]
-    fixed = [sample(denoiser, schedule, x_T, schedule.timesteps(3), eta=1.0, noises=noises,
+    fixed = [sample(denoiser, schedule, x_T, schedule.timesteps(3), sampler=DDIM(eta=1.0), noises=noises,
                     generator=torch.Generator().manual_seed(seed), progress=False) for seed in (1, 2)]
     assert torch.equal(fixed[0], fixed[1])
 

@@ -8,7 +8,7 @@ from omegaconf import OmegaConf
 
 from conftest import TINY_UNET, run_cli
 from facelab.data.synthetic import SEG, SEG_CLASSES
-from facelab.diffusion import Denoiser, Schedule, sample
+from facelab.diffusion import DDIM, Denoiser, Schedule, sample
 from facelab.directions import discover as maths
 from facelab.directions.files import Directions
 from facelab.directions.trajectory import run_trajectory, seed_noise
@@ -94,7 +94,7 @@ def test_hedit_adds_delta_in_the_window_only(denoiser):
     grid = [900, 600, 300, 0]
     x_T, noises = seed_noise([0, 1], (3, 16, 16), len(grid), "cpu")
     plain = run_trajectory(denoiser, x_T, noises, grid, eta=1.0)
-    same = sample(denoiser, SCHEDULE, x_T, grid, eta=1.0, noises=noises, progress=False)
+    same = sample(denoiser, SCHEDULE, x_T, grid, sampler=DDIM(eta=1.0, clip=False), noises=noises, progress=False)
     torch.testing.assert_close(plain.x0, same)  # recording h changes nothing
     h_shape = plain.hs.shape[2:]
     delta = {600: torch.randn(h_shape)}

@@ -13,7 +13,7 @@ from PIL import Image
 from conftest import TINY_UNET, compose, run_cli
 from facelab.data.layouts import export
 from facelab.data.synthetic import SyntheticFaces
-from facelab.diffusion import Guidance, Schedule, sample
+from facelab.diffusion import DDPM, Guidance, Schedule, sample
 from facelab.guidance.fuzzy import FuzzyBlend, fuzzy_blend, log_retention, per_time_weight
 from facelab.io.errors import InputError
 from facelab.methods.fuzzy import auroc_ap, reduce_mask, self_degrade
@@ -100,7 +100,7 @@ def test_blend_hook_skips_first_step_and_composites():
     m[0] = 0.5
     before, after = _Inputs(), _Inputs()
     out = sample(lambda x, t, c: torch.zeros_like(x), schedule, x_T, [999, 500, 0],
-                 guidance=[before, FuzzyBlend(y, m, final_composite=True), after], generator=gen, sampler="ddpm")
+                 guidance=[before, FuzzyBlend(y, m, final_composite=True), after], generator=gen, sampler=DDPM(clip=False))
     assert torch.equal(before.seen[0], x_T) and torch.equal(after.seen[0], x_T)
     assert not torch.equal(before.seen[1], after.seen[1])
     assert torch.equal(out[1], y[1]) and not torch.equal(out[0], y[0])

@@ -5,7 +5,7 @@
 
 Timed, on one batch x_T and one UNet, interleaved round by round (the order rotates every round):
   bare      `steps` forwards `unet(x, t).sample` in a plain loop (precomputed [B] timestep tensors);
-  facelab   `facelab.diffusion.sample(denoiser, schedule, x_T, schedule.timesteps(steps, "leading"), eta=0)`;
+  facelab   `facelab.diffusion.sample(denoiser, schedule, x_T, schedule.timesteps(steps, "leading"))` (DDIM, η = 0);
   diffusers `DDIMPipeline(unet, DDIMScheduler.from_config(...))(batch, generator, eta=0,
             num_inference_steps=steps, output_type="pt")`: this also draws x_T from the generator, calls
             set_timesteps and maps the result to [0, 1]; those extras are timed apart and reported.
@@ -248,7 +248,7 @@ def run(args: argparse.Namespace) -> dict:
         return out
 
     def facelab(model=denoiser, x=x_T, timesteps=grid):
-        return sample(model, schedule, x, timesteps, eta=0.0, progress=False)
+        return sample(model, schedule, x, timesteps, progress=False)
 
     def diffusers_pipe(steps=args.steps):
         return pipe(batch_size=args.batch, generator=generator(), eta=0.0, num_inference_steps=steps,

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from facelab.data.synthetic import SyntheticFaces
-from facelab.diffusion import sample
+from facelab.diffusion import DDIM, sample
 from facelab.diffusion.collab import CollaborativeDenoiser, Reweight
 from facelab.io.grids import save_grid
 from facelab.io.images import colorize_mask
@@ -72,8 +72,8 @@ def generate(collab: CollaborativeDenoiser, conds: list[dict], n: int, grid: lis
     z = torch.randn(n, *shape, generator=generator(seed, 0))
     collab.records.clear()
     start = time.perf_counter()
-    z0 = sample(collab, collab.schedule, z, grid, eta=1.0, generator=generator(seed, 1), cond=conds, final=0,
-                clip=collab.schedule.clip_sample, progress=False)
+    z0 = sample(collab, collab.schedule, z, grid, sampler=DDIM(eta=1.0), generator=generator(seed, 1), cond=conds,
+                final=0, progress=False)
     images = collab.decode(z0).clamp(-1, 1)
     return images, time.perf_counter() - start, list(collab.records)
 

@@ -6,9 +6,11 @@ Per reverse step t → s the hook points are, in order:
                             term's `h_where` ("after" by default), or None;
   3. `after_model(state)`   may replace state.eps or state.x0 (the other follows), or set
                             state.eps_direction (Asyrp's asymmetric DDIM step);
-  4. the update             DDIM(η) or DDPM;
+  4. the update             the sampler's step (samplers.py);
   5. `after_update(state)`  sees state.x = x_s (record, project); then `callback(state)`.
 A step to a higher time (RePaint jump) applies the forward kernel q(x_s | x_t) with fresh noise instead.
+After every update the loop watches x for NaN, ±inf and runaway values (|x| > RUNAWAY) on the device, without a
+sync per step, and stops with `NonFiniteError` naming the first bad step (checked every CHECK_EVERY steps).
 """
 
 from __future__ import annotations
@@ -23,7 +25,39 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from .hspace import hspace
+from facelab.io.errors import InputError
+
+from .samplers import DDIM, Sampler
 from .schedule import Schedule, step_pairs
+
+
+RUNAWAY = 1e4      # |x| beyond this is a diverged run (pixels and latents live within a few units)
+CHECK_EVERY = 10  # steps between the (synchronising) reads of the device-side flag
+
+
+class NonFiniteError(InputError):
+    """x became NaN, ±inf or ran away during sampling: a bad model, statistics file or guidance scale."""
+
+
+class FiniteWatch:
+    """The first reverse step (index, t) at which x stopped being finite and bounded, tracked on x's device."""
+
+    def __init__(self):
+        self.first: Tensor | None = None
+        self.times: list[int] = []
+
+    def update(self, x: Tensor, i: int, t: int) -> None:
+        bad = ~(torch.isfinite(x) & (x.abs() <= RUNAWAY)).all()
+        if self.first is None:
+            self.first = torch.full((), -1, dtype=torch.long, device=x.device)
+        self.first = torch.where(bad & (self.first < 0), torch.full_like(self.first, i), self.first)
+        self.times.append(t)
+
+    def check(self) -> None:
+        if self.first is not None and (i := int(self.first)) >= 0:
+            raise NonFiniteError(f"sampling diverged: x is NaN, infinite or beyond ±{RUNAWAY:g} after reverse step "
+                                 f"{i} (t = {self.times[i]}); check the model weights, statistics files and guidance "
+                                 "scales")
 
 
 class Guidance:
@@ -65,6 +99,7 @@ class State:
     x_t: Tensor | None = None
     model: Any = field(default=None, repr=False)
     schedule: Schedule | None = field(default=None, repr=False)
+    sampler: Sampler | None = field(default=None, repr=False)
     _eps: Tensor | None = field(default=None, repr=False)
     _x0: Tensor | None = field(default=None, repr=False)
 
@@ -94,42 +129,41 @@ def _defines(term: Any, name: str) -> bool:
     return callable(getattr(term, name, None)) and getattr(type(term), name, None) is not getattr(Guidance, name)
 
 
-def sample(model: Callable, schedule: Schedule, x: Tensor, timesteps: Sequence[int] | Tensor, *,
-           guidance: Sequence = (), eta: float | Sequence[float] = 0.0, sampler: str = "ddim",
-           generator: torch.Generator | None = None, noises: Sequence[Tensor | None] | Tensor | None = None,
-           cond: Any = None, clip: bool = False, final: int = -1, variance_type: str | None = None,
+def sample(model: Callable, schedule: Schedule, x: Tensor, timesteps: Sequence[int] | Tensor | None = None, *,
+           sampler: Sampler | None = None, guidance: Sequence = (), generator: torch.Generator | None = None,
+           noises: Sequence[Tensor | None] | Tensor | None = None, cond: Any = None, final: int = -1,
            progress: bool = True, callback: Callable[[State], None] | None = None) -> Tensor:
     """Run `model` (any `eps = model(x_t, t, cond)`) from x at timesteps[0] down the sequence; return x_final.
 
-    timesteps: training times, decreasing except for RePaint jumps; `final` (default −1: ᾱ = 1) is
-    appended unless the sequence already ends with it. eta: η for DDIM, a number or one per reverse step.
-    noises: per-reverse-step noise z (a list, entries may be None, or a stacked tensor) so that a
-    re-decode follows a recorded trajectory; otherwise noise comes from `generator`.
-    sampler="ddpm" uses `variance_type` (default the schedule's); learned_range reads `model.last_variance`.
-    Hooks may replace state.cond (e.g. per step). Runs under torch.no_grad; terms that need gradients
-    open torch.enable_grad themselves.
+    sampler: the step rule (samplers.py; default DDIM with η = 0, x̂0 unclipped). timesteps: training times, decreasing except for
+    RePaint jumps (default: the sampler's own); `final` (default −1: ᾱ = 1) is appended unless the sequence already
+    ends with it. noises: per-reverse-step noise z (a list, entries may be None, or a stacked tensor) so that a
+    re-decode follows a recorded trajectory; otherwise noise comes from `generator`. A learned_range DDPM reads
+    `model.last_variance`. Hooks may replace state.cond (e.g. per step). Runs under torch.no_grad; terms that need
+    gradients open torch.enable_grad themselves.
     """
-    if sampler not in ("ddim", "ddpm"):
-        raise ValueError(f"sampler={sampler!r}; use 'ddim' or 'ddpm'")
+    sampler = DDIM(clip=False) if sampler is None else sampler
+    if timesteps is None:
+        timesteps = sampler.timesteps(schedule)
     times = timesteps.tolist() if isinstance(timesteps, Tensor) else [int(t) for t in timesteps]
     if not times or times[-1] != final:
         times.append(final)
     pairs = step_pairs(times)
     n_reverse = sum(reverse for _, _, reverse in pairs)
-    etas = [float(eta)] * n_reverse if isinstance(eta, (int, float)) else [float(e) for e in eta]
-    if len(etas) < n_reverse or (noises is not None and len(noises) < n_reverse):
-        raise ValueError(f"eta / noises must give one entry per reverse step ({n_reverse})")
-    variance_type = variance_type or schedule.variance_type
-    learned = sampler == "ddpm" and variance_type == "learned_range"
+    if noises is not None and len(noises) < n_reverse:
+        raise ValueError(f"noises must give one entry per reverse step ({n_reverse})")
+    learned = sampler.reads_variance(schedule)
     before, after, updated = ([getattr(g, name) for g in guidance if _defines(g, name)]
                               for name in ("before_model", "after_model", "after_update"))
     editors = [(getattr(g, "h_where", "after"), g.h_edit) for g in guidance if _defines(g, "h_edit")]
     unet = getattr(model, "unet", model)
 
-    state = State(x=x, cond=cond, generator=generator, model=model, schedule=schedule)
+    state = State(x=x, cond=cond, generator=generator, model=model, schedule=schedule, sampler=sampler)
+    memory: dict = {}
+    watch = FiniteWatch()
     i = 0
     with torch.no_grad():
-        for t, s, reverse in tqdm(pairs, desc=f"{sampler} sampling", disable=not progress, leave=False):
+        for t, s, reverse in tqdm(pairs, desc=f"{sampler.name} sampling", disable=not progress, leave=False):
             if not reverse:
                 state.x = schedule.forward_step(state.x, t, s, generator=generator)
                 continue
@@ -151,18 +185,18 @@ def sample(model: Callable, schedule: Schedule, x: Tensor, timesteps: Sequence[i
                 state.v = model.last_variance
             for fn in after:
                 fn(state)
+            if state.eps_direction is not None:
+                sampler.check(asymmetric=True)
             noise = None if noises is None else noises[i]
-            if sampler == "ddim":
-                state.x = schedule.ddim_step(state.x_t, t, s, state.eps, etas[i], noise, state.eps_direction, clip,
-                                             x0=state.x0, generator=generator)
-            elif state.eps_direction is not None:
-                raise ValueError("an asymmetric step (eps_direction) needs sampler='ddim'")
-            else:
-                state.x = schedule.ddpm_step(state.x_t, t, s, noise=noise, variance_type=variance_type, clip=clip,
-                                             x0=state.x0, v=state.v, generator=generator)
+            state.x = sampler.step(schedule, state.x_t, t, s, state.eps, noise, x0=state.x0, i=i, v=state.v,
+                                   eps_direction=state.eps_direction, generator=generator, memory=memory)
             for fn in updated:
                 fn(state)
             if callback is not None:
                 callback(state)
+            watch.update(state.x, i, t)
             i += 1
+            if i % CHECK_EVERY == 0:
+                watch.check()
+    watch.check()
     return state.x

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from facelab.diffusion import Denoiser, sample
+from facelab.diffusion import DDIM, Denoiser, sample
 from facelab.guidance.hedit import HEdit
 from facelab.methods.common import generator
 
@@ -36,6 +36,6 @@ def run_trajectory(denoiser: Denoiser, x_T: Tensor, noises: Tensor, timesteps: l
     edit = edit or HEdit(record=True)
     edit.hs.clear()
     xs: list[Tensor] = []
-    x0 = sample(denoiser, denoiser.schedule, x_T, timesteps, guidance=[edit], eta=eta, noises=noises, clip=clip,
-                progress=progress, callback=(lambda state: xs.append(state.x_t)) if record_x else None)
+    x0 = sample(denoiser, denoiser.schedule, x_T, timesteps, sampler=DDIM(eta=eta, clip=clip), guidance=[edit],
+                noises=noises, progress=progress, callback=(lambda state: xs.append(state.x_t)) if record_x else None)
     return Trajectory(x0, torch.stack(edit.hs, 1) if edit.hs else None, torch.stack(xs, 1) if record_x else None)

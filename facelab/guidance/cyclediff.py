@@ -15,9 +15,11 @@ At every reverse step t → s (hook point 3, after the network call), with x = x
               step). `reference=True` is the original's commented-out version: every noise independent, x_s
               re-noised with √ᾱ_s as if it were clean, the target q_sample(x_src, s) with fresh noise, and s = −1
               wrapped to T − 1.
-Sum over the batch: each image gets its own loss's gradient, whatever the batch size. Then, with g = −∇_x L:
-  DDPM (mean form, the original's p_sample): μ' = μ_θ + Σ_t·g, i.e. ε' = ε − √α_t·√(1−ᾱ_t)·(Σ_t/β_t)·g;
-  DDIM (score form, the original's ddim_sample): ε' = ε − √(1−ᾱ_t)·g.
+Sum over the batch: each image gets its own loss's gradient, whatever the batch size. Then, with g = −∇_x L,
+ε' = ε − c·g with c the sampler's `eps_scale`:
+  DDPM (mean form, the original's p_sample): μ' = μ_θ + Σ_t·g, i.e. c = √α_t·√(1−ᾱ_t)·(Σ_t/β_t);
+  DDIM and DPM-Solver++ (score form, the original's ddim_sample): c = √(1−ᾱ_t).
+The step-by-step cycle takes the sampler's own step (DPM-Solver++: its first-order step, i.e. DDIM with η = 0).
 `grad_norm` rescales each term's gradient to unit RMS per image before weighting (one backward pass per term).
 Per step: one network call without gradient (the loop's), one with (ε_g), one more for a cycle loss.
 """
@@ -25,7 +27,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from functools import cached_property
 
 import torch
@@ -53,29 +54,6 @@ class StepNoise(Sequence):
         if not 0 <= i < self.steps:
             raise IndexError(i)
         return torch.randn(self.shape, generator=keyed_generator(self.device, *self.key, i), device=self.device)
-
-
-@dataclass(frozen=True)
-class Update:
-    """The sampler's reverse step, and how a guidance gradient enters it."""
-
-    sampler: str = "ddim"                # ddim | ddpm
-    eta: float = 0.0                     # DDIM η
-    variance_type: str = "fixed_large"   # DDPM Σ_t: fixed_large (β_t, the original) | fixed_small (β̃_t)
-
-    def step(self, schedule: Schedule, x: Tensor, t: int, s: int, eps: Tensor, noise: Tensor | None) -> Tensor:
-        if self.sampler == "ddim":
-            return schedule.ddim_step(x, t, s, eps, self.eta, noise)
-        return schedule.ddpm_step(x, t, s, eps, noise, self.variance_type)
-
-    def eps_scale(self, schedule: Schedule, t: int, s: int) -> float:
-        """c in ε' = ε − c·g (see the module docstring); β_t = 1 − ᾱ_t/ᾱ_s on a respaced grid."""
-        a = schedule.alpha_bar(t)
-        if self.sampler == "ddim":
-            return math.sqrt(1 - a)
-        b = schedule.alpha_bar(s)
-        ratio = 1.0 if self.variance_type == "fixed_large" else (1 - b) / (1 - a)  # Σ_t/β_t
-        return math.sqrt(a / b) * math.sqrt(1 - a) * ratio
 
 
 class Context:
@@ -163,10 +141,10 @@ class CycleStepByStep:
     a deterministic sampler); trajectory[i]: the source's x_s after step i (None: q_sample(x_src, s) with one ε fixed
     for the run)."""
 
-    def __init__(self, x_src: Tensor, y_src: Tensor, update: Update, noises: Sequence[Tensor] | None = None,
+    def __init__(self, x_src: Tensor, y_src: Tensor, noises: Sequence[Tensor] | None = None,
                  trajectory: Sequence[Tensor] | None = None, generator: torch.Generator | None = None,
                  reference: bool = False):
-        self.x_src, self.y_src, self.update = x_src, y_src, update
+        self.x_src, self.y_src = x_src, y_src
         self.noises, self.trajectory, self.generator, self.reference = noises, trajectory, generator, reference
         self.eps_target = randn_like(x_src, generator)
 
@@ -174,7 +152,7 @@ class CycleStepByStep:
         return randn_like(x, self.generator)
 
     def __call__(self, ctx: Context) -> Tensor:
-        state, schedule, update = ctx.state, ctx.state.schedule, self.update
+        state, schedule, update = ctx.state, ctx.state.schedule, ctx.state.sampler
         t, s, model = state.t, state.s, state.model
         if self.reference:
             s_ref = s if s >= 0 else schedule.num_train_timesteps - 1  # the original's t − 1 wraps at t = 0
@@ -200,9 +178,9 @@ class CycleDiffGuidance(Guidance):
     """ε ← ε − c_t·g, g = −∇_{x_t} Σ_k w_k·Σ_b L_k (module docstring). terms: {name: (weight, loss term)}; zero
     weights are dropped. `rows` records each step's t and the batch-mean value of every term."""
 
-    def __init__(self, terms: Mapping[str, tuple[float, LossTerm]], update: Update, grad_norm: bool = False):
+    def __init__(self, terms: Mapping[str, tuple[float, LossTerm]], grad_norm: bool = False):
         self.terms = {name: (float(w), fn) for name, (w, fn) in terms.items() if w}
-        self.update, self.grad_norm = update, grad_norm
+        self.grad_norm = grad_norm
         self.rows: list[dict] = []
 
     def after_model(self, state: State) -> None:
@@ -220,4 +198,4 @@ class CycleDiffGuidance(Guidance):
             else:
                 grad, = torch.autograd.grad(sum(w * losses[name].sum() for name, (w, _) in self.terms.items()), x)
         self.rows.append({"t": state.t, **{name: float(loss.detach().mean()) for name, loss in losses.items()}})
-        state.eps = state.eps + self.update.eps_scale(state.schedule, state.t, state.s) * grad
+        state.eps = state.eps + state.sampler.eps_scale(state.schedule, state.t, state.s) * grad

@@ -27,13 +27,13 @@ from safetensors.torch import load_file
 from torch import Tensor
 
 from facelab.data.synthetic import SEG_CLASSES
-from facelab.diffusion import sample
+from facelab.diffusion import RePaint, sample
 from facelab.diffusion.collab import CollaborativeDenoiser, Reweight
 from facelab.io.checkpoints import load_checkpoint
 from facelab.io.errors import InputError
 from facelab.io.grids import image_grid
 from facelab.io.images import colorize_mask, read_mask, resize_mask, save_image, save_mask
-from facelab.methods.common import clock, device_of, generator
+from facelab.methods.common import build_sampler, clock, device_of, generator
 from facelab.models.codiff import ldm_timesteps, load_collaborative, load_stage
 from facelab.models.latent import load_latent_model
 
@@ -165,22 +165,22 @@ class Sampled:
     seconds: float = 0.0
 
 
-def run_batches(cfg: DictConfig, collab: CollaborativeDenoiser, inputs: Inputs, device: torch.device) -> Sampled:
-    if cfg.sampler.name not in ("ddim", "ddpm"):
-        raise InputError(f"sampler={cfg.sampler.name}: method={cfg.method.name} samples with sampler=ddim or ddpm")
+def run_batches(cfg: DictConfig, collab: CollaborativeDenoiser, inputs: Inputs, sampler, device: torch.device) -> Sampled:
+    if isinstance(sampler, RePaint):
+        raise InputError(f"sampler=repaint resamples for inpainting: method={cfg.method.name} takes sampler=ddim, "
+                         "ddpm or dpmpp_2m")
     if cfg.num_samples < 1 or cfg.batch_size < 1:
         raise InputError(f"num_samples={cfg.num_samples}, batch_size={cfg.batch_size}: both must be at least 1")
     schedule, shape = collab.schedule, collab.models[0].latent_shape
     if cfg.method.ldm_grid:
-        grid, final = ldm_timesteps(schedule, cfg.sampler.steps), 0
+        grid, final = ldm_timesteps(schedule, sampler.steps), 0
     else:
-        grid, final = schedule.timesteps(cfg.sampler.steps, spacing=cfg.sampler.spacing).tolist(), -1
+        grid, final = sampler.timesteps(schedule), -1
     starts = read_start(cfg.x_T, cfg.num_samples, shape) if cfg.x_T is not None else None
     start_gen, noise_gen = generator(cfg.seed, device, START_STREAM), generator(cfg.seed, device, NOISE_STREAM)
     collab.generator = generator(cfg.seed, device, REWEIGHT_STREAM)
     collab.record = collab.diffusers is not None
     values = [inputs.value(model.modality) for model in collab.models]
-    clip = schedule.clip_sample if cfg.sampler.clip is None else bool(cfg.sampler.clip)
     result, images, latents, learned, weights = Sampled(), [], [], [], []
     for first in range(0, cfg.num_samples, cfg.batch_size):
         n = min(cfg.batch_size, cfg.num_samples - first)
@@ -194,8 +194,8 @@ def run_batches(cfg: DictConfig, collab: CollaborativeDenoiser, inputs: Inputs, 
 
         collab.records.clear()
         start = clock(device)
-        z0 = sample(collab, schedule, z, grid, eta=cfg.sampler.eta, sampler=cfg.sampler.name, generator=noise_gen,
-                    cond=collab.conditions(values, n), clip=clip, final=final, progress=cfg.progress,
+        z0 = sample(collab, schedule, z, grid, sampler=sampler, generator=noise_gen,
+                    cond=collab.conditions(values, n), final=final, progress=cfg.progress,
                     callback=keep if cfg.display_x_inter else None)
         images.append(collab.decode(z0).cpu())
         result.seconds += clock(device) - start
@@ -222,8 +222,8 @@ def decode_frames(collab: CollaborativeDenoiser, latents: list[Tensor], chunk: i
 
 # --- outputs ---------------------------------------------------------------------------------------------------------
 def generate(cfg: DictConfig, out: Path, gallery, collab: CollaborativeDenoiser, inputs: Inputs) -> dict:
-    device = device_of(cfg)
-    result = run_batches(cfg, collab, inputs, device)
+    device, sampler = device_of(cfg), build_sampler(cfg.sampler)
+    result = run_batches(cfg, collab, inputs, sampler, device)
     folder = out / "samples" / inputs.mask_name / slug(inputs.text)
     write_samples(cfg, folder, collab, inputs, result)
     write_gallery(out, gallery, folder, collab, inputs, result)
@@ -231,8 +231,8 @@ def generate(cfg: DictConfig, out: Path, gallery, collab: CollaborativeDenoiser,
     metrics = {"method": cfg.method.name, "modalities": collab.names,
                "mask": str(cfg.mask or DEFAULT_MASK) if inputs.mask is not None else None, "text": inputs.text,
                "outputs": str(folder.relative_to(out)), "num_samples": n, "seconds": result.seconds,
-               "seconds_per_image": result.seconds / n, "sampler": cfg.sampler.name, "steps": cfg.sampler.steps,
-               "eta": float(cfg.sampler.eta), "cfg_scale": dict(zip(collab.names, collab.cfg_scales)),
+               "seconds_per_image": result.seconds / n, "sampler": sampler.name, "steps": sampler.steps,
+               "eta": getattr(sampler, "eta", None), "cfg_scale": dict(zip(collab.names, collab.cfg_scales)),
                # forwards of a whole sampling run (each image goes through all of them, batched with the others)
                "network_calls": sum(collab.calls.values()) // runs,
                "network_calls_by_kind": {k: v // runs for k, v in collab.calls.items()}, "warnings": inputs.warnings}

@@ -7,7 +7,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from facelab.diffusion import Denoiser, repaint_timesteps, sample
+from facelab.diffusion import Denoiser, Sampler, sample
 
 
 def device_of(cfg: DictConfig) -> torch.device:
@@ -33,18 +33,13 @@ def guidance_terms(cfg: DictConfig) -> list:
     return [instantiate(term) for term in (cfg.get("guidance") or {}).values()]
 
 
-def sampler_timesteps(denoiser: Denoiser, sampler: DictConfig) -> torch.Tensor:
-    """The timestep sequence of the configured sampler (it goes back up for RePaint jumps)."""
-    grid = denoiser.schedule.timesteps(sampler.steps, spacing=sampler.spacing)
-    if sampler.name == "repaint":
-        return repaint_timesteps(grid, sampler.jump_length, sampler.jump_n_sample)
-    return grid
+def build_sampler(cfg: DictConfig) -> Sampler:
+    """The configured sampler object (conf/sampler/*.yaml: a `_target_` in facelab.diffusion.samplers)."""
+    return instantiate(cfg)
 
 
-def run_sampler(denoiser: Denoiser, x_T: torch.Tensor, sampler: DictConfig, generator: torch.Generator,
+def run_sampler(denoiser: Denoiser, x_T: torch.Tensor, sampler: Sampler, generator: torch.Generator,
                 guidance=(), progress: bool = True, **kwargs) -> torch.Tensor:
-    """Sample x_0 from x_T with the configured sampler (ddim / ddpm / repaint) and guidance terms."""
-    return sample(denoiser, denoiser.schedule, x_T, sampler_timesteps(denoiser, sampler), guidance=guidance,
-                  eta=sampler.eta, sampler="ddim" if sampler.name == "ddim" else "ddpm",
-                  clip=denoiser.schedule.clip_sample if sampler.clip is None else sampler.clip,
-                  generator=generator, progress=progress, **kwargs)
+    """Sample x_0 from x_T with the sampler over its own grid and the guidance terms."""
+    return sample(denoiser, denoiser.schedule, x_T, sampler=sampler, guidance=guidance, generator=generator,
+                  progress=progress, **kwargs)

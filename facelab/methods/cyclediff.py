@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import csv
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 
 from facelab.data.layouts import read_attribute_file
 from facelab.data.synthetic import SyntheticFaces
-from facelab.diffusion import Denoiser, Schedule, ddim_invert, edit_friendly_invert, sample
+from facelab.diffusion import DDIM, DDPM, Denoiser, RePaint, Sampler, Schedule, ddim_invert, edit_friendly_invert, sample
 from facelab.guidance.cyclediff import (
     AttributeLoss,
     CycleDiffGuidance,
@@ -43,13 +43,12 @@ from facelab.guidance.cyclediff import (
     CycleToOrigin,
     FeatureLoss,
     StepNoise,
-    Update,
     range_loss,
 )
 from facelab.io.errors import InputError
 from facelab.io.grids import save_grid
 from facelab.io.images import read_image_folder, resize_images, save_image
-from facelab.methods.common import clock, device_of, guidance_terms, sampler_timesteps
+from facelab.methods.common import build_sampler, clock, device_of, guidance_terms
 from facelab.metrics.images import l1, psnr, ssim
 from facelab.models.classifier import AttributeNet, load_classifier
 from facelab.models.components.seeding import keyed_generator
@@ -72,7 +71,7 @@ GRID_FACES = 16
 
 
 def run(cfg: DictConfig, out: Path, gallery) -> dict:
-    check_options(cfg)
+    sampler = check_options(cfg)
     opts, device = cfg.method, device_of(cfg)
     denoiser = load_denoiser(cfg.model.pretrained, device)
     if denoiser.attributes is None:
@@ -88,13 +87,13 @@ def run(cfg: DictConfig, out: Path, gallery) -> dict:
                                   denoiser) if opts.eval_classifier else None)
     networks = feature_networks(opts, device)
     faces = load_faces(cfg, denoiser, classifier)
-    grid = edit_grid(denoiser, cfg)
-    result = edit_faces(cfg, denoiser, grid, edits, faces, classifier, networks)
+    grid = edit_grid(denoiser, sampler, cfg)
+    result = edit_faces(cfg, denoiser, sampler, grid, edits, faces, classifier, networks)
     truth = {name: counterfactuals(faces, flips) for name, flips in edits.items()}
     write_outputs(out, gallery, faces, edits, result, truth, opts.previews)
     metrics = {"model": str(cfg.model.pretrained), "attributes": attributes, "faces": len(faces.names),
-               "source_attributes": faces.source, "sampler": cfg.sampler.name, "steps": len(grid),
-               "first_t": grid[0], "eta": cfg.sampler.eta if cfg.sampler.name == "ddim" else None,
+               "source_attributes": faces.source, "sampler": sampler.name, "steps": len(grid),
+               "first_t": grid[0], "eta": sampler.eta if isinstance(sampler, DDIM) else None,
                "start": opts.start, "cycle": opts.cycle, "weights": OmegaConf.to_container(opts.weights),
                "grad_norm": opts.grad_norm, "classifier": str(opts.classifier),
                "classifier_input": "noise_aware" if classifier.noise_aware else "clean_blend",
@@ -110,16 +109,21 @@ def run(cfg: DictConfig, out: Path, gallery) -> dict:
 
 
 # --- options -----------------------------------------------------------------------------------------------
-def check_options(cfg: DictConfig) -> None:
+def check_options(cfg: DictConfig) -> Sampler:
+    """Validate the knobs before any work; return the sampler (DDPM with Σ_t of method.variance_type)."""
     opts = cfg.method
     choices = {"start": STARTS, "cycle": CYCLES, "input": ("synthetic", "images"),
                "source_attributes": ("labels", "predicted"), "variance_type": ("fixed_large", "fixed_small")}
     for key, allowed in choices.items():
         if opts[key] not in allowed:
             raise InputError(f"method.{key}={opts[key]}: use one of {', '.join(allowed)}")
-    if cfg.sampler.name not in ("ddim", "ddpm"):
-        raise InputError(f"sampler={cfg.sampler.name}: method=cyclediff samples with sampler=ddim or sampler=ddpm")
-    if opts.start == "edit_friendly" and cfg.sampler.name != "ddim":
+    sampler = build_sampler(cfg.sampler)
+    if isinstance(sampler, RePaint):
+        raise InputError("sampler=repaint resamples for inpainting: method=cyclediff takes sampler=ddim, ddpm or "
+                         "dpmpp_2m")
+    if isinstance(sampler, DDPM):
+        sampler = replace(sampler, variance_type=opts.variance_type)
+    if opts.start == "edit_friendly" and not isinstance(sampler, DDIM):
         raise InputError("method.start=edit_friendly inverts the DDIM(η) step: use sampler=ddim (sampler.eta=1 is the "
                          "DDPM-like step)")
     for kind in FEATURE_TERMS:
@@ -128,6 +132,7 @@ def check_options(cfg: DictConfig) -> None:
                              "(zoo name or folder) or {_target_: ...} building a feature network")
     if cfg.num_samples < 1 or cfg.batch_size < 1:
         raise InputError(f"num_samples={cfg.num_samples}, batch_size={cfg.batch_size}: both must be at least 1")
+    return sampler
 
 
 def parse_edits(spec, attributes: list[str]) -> dict[str, list[str]]:
@@ -197,9 +202,9 @@ def time_zero(net: AttributeNet, x: Tensor) -> Tensor | None:
     return torch.zeros(len(x), dtype=torch.long, device=x.device) if net.noise_aware else None
 
 
-def edit_grid(denoiser: Denoiser, cfg: DictConfig) -> list[int]:
+def edit_grid(denoiser: Denoiser, sampler: Sampler, cfg: DictConfig) -> list[int]:
     """The sampler's grid; for sdedit and the inversions only its times ≤ t0."""
-    grid = sampler_timesteps(denoiser, cfg.sampler).tolist()
+    grid = sampler.timesteps(denoiser.schedule)
     if cfg.method.start != "original":
         grid = [t for t in grid if t <= cfg.method.t0]
     if not grid:
@@ -286,13 +291,10 @@ class EditResult:
     previews: dict[str, Tensor]        # edit name -> [N, K, 3, H, W]
 
 
-def edit_faces(cfg: DictConfig, denoiser: Denoiser, grid: list[int], edits: dict[str, list[str]], faces: Faces,
-               classifier: AttributeNet, networks: dict) -> EditResult:
+def edit_faces(cfg: DictConfig, denoiser: Denoiser, sampler: Sampler, grid: list[int], edits: dict[str, list[str]],
+               faces: Faces, classifier: AttributeNet, networks: dict) -> EditResult:
     device, attributes, opts = denoiser.unet.device, denoiser.attributes, cfg.method
-    update = Update(cfg.sampler.name, float(cfg.sampler.eta), opts.variance_type)
-    clip = denoiser.schedule.clip_sample if cfg.sampler.clip is None else bool(cfg.sampler.clip)
-    sampling = dict(sampler=cfg.sampler.name, eta=cfg.sampler.eta, variance_type=opts.variance_type, clip=clip,
-                    progress=cfg.progress)
+    sampling = dict(sampler=sampler, progress=cfg.progress)
     others = guidance_terms(cfg)
     preview_steps = set(torch.linspace(0, len(grid) - 1, opts.previews).round().long().tolist()) if opts.previews \
         else set()
@@ -305,7 +307,7 @@ def edit_faces(cfg: DictConfig, denoiser: Denoiser, grid: list[int], edits: dict
             y_src = faces.y_src[first:first + cfg.batch_size].to(device)
             key = (int(cfg.seed), first)
             start = clock(device)
-            x_T, noises = start_point(cfg, denoiser, grid, x_src, y_src, key, clip)
+            x_T, noises = start_point(cfg, denoiser, sampler, grid, x_src, y_src, key)
             result.start_seconds += clock(device) - start
             trajectory = [] if opts.cycle == "step" and opts.start in ("ddim_inversion", "edit_friendly") else None
             record = None if trajectory is None else lambda state: trajectory.append(state.x)
@@ -313,9 +315,9 @@ def edit_faces(cfg: DictConfig, denoiser: Denoiser, grid: list[int], edits: dict
                                          callback=record, **sampling).cpu())
             for name, flips in edits.items():
                 y_tgt, mask = flip(y_src, flips, attributes)
-                terms = loss_terms(opts, update, classifier, networks, attributes, x_src, y_src, y_tgt, mask, noises,
+                terms = loss_terms(opts, classifier, networks, attributes, x_src, y_src, y_tgt, mask, noises,
                                    trajectory, keyed_generator(device, *key, TERM_STREAM))
-                guidance, frames = CycleDiffGuidance(terms, update, opts.grad_norm), []
+                guidance, frames = CycleDiffGuidance(terms, opts.grad_norm), []
 
                 def keep(state, frames=frames):
                     if state.i in preview_steps:
@@ -339,7 +341,8 @@ def edit_faces(cfg: DictConfig, denoiser: Denoiser, grid: list[int], edits: dict
     return result
 
 
-def start_point(cfg: DictConfig, denoiser: Denoiser, grid: list[int], x_src: Tensor, y_src: Tensor, key, clip: bool):
+def start_point(cfg: DictConfig, denoiser: Denoiser, sampler: Sampler, grid: list[int], x_src: Tensor, y_src: Tensor,
+                key):
     """(x at grid[0], the per-step noises shared by the decode and every edit of this batch)."""
     opts, schedule, device = cfg.method, denoiser.schedule, x_src.device
     noises = StepNoise(x_src.shape, len(grid), (*key, NOISE_STREAM), device)
@@ -350,8 +353,8 @@ def start_point(cfg: DictConfig, denoiser: Denoiser, grid: list[int], x_src: Ten
         return schedule.q_sample(x_src, grid[0], torch.randn(x_src.shape, generator=gen, device=device)), noises
     if opts.start == "ddim_inversion":
         return ddim_invert(denoiser, schedule, x_src, grid, cond=y_src, progress=cfg.progress).latents[0], noises
-    return edit_friendly_invert(denoiser, schedule, x_src, grid, eta=cfg.sampler.eta, generator=gen, cond=y_src,
-                                clip=clip, progress=cfg.progress)
+    return edit_friendly_invert(denoiser, schedule, x_src, grid, eta=sampler.eta, generator=gen, cond=y_src,
+                                clip=sampler.clips(schedule), progress=cfg.progress)
 
 
 def flip(y_src: Tensor, flips: list[str], attributes: list[str]) -> tuple[Tensor, Tensor]:
@@ -361,7 +364,7 @@ def flip(y_src: Tensor, flips: list[str], attributes: list[str]) -> tuple[Tensor
     return y_src * (1 - 2 * mask), mask
 
 
-def loss_terms(opts, update: Update, classifier, networks: dict, attributes, x_src, y_src, y_tgt, mask, noises,
+def loss_terms(opts, classifier, networks: dict, attributes, x_src, y_src, y_tgt, mask, noises,
                trajectory, generator) -> dict:
     """{name: (weight, term)} of one edit run (inactive terms are not built)."""
     weights = opts.weights
@@ -371,7 +374,7 @@ def loss_terms(opts, update: Update, classifier, networks: dict, attributes, x_s
     if opts.cycle == "origin":
         terms["cycle"] = (weights.cycle, CycleToOrigin(x_src, y_src, generator))
     elif opts.cycle in ("step", "step_reference"):
-        terms["cycle"] = (weights.cycle, CycleStepByStep(x_src, y_src, update, noises, trajectory, generator,
+        terms["cycle"] = (weights.cycle, CycleStepByStep(x_src, y_src, noises, trajectory, generator,
                                                           reference=opts.cycle == "step_reference"))
     for kind, network in networks.items():
         terms[kind] = (weights[kind], FeatureLoss(network, x_src, kind))

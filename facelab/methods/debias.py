@@ -30,7 +30,7 @@ from facelab.guidance.debias import DEFAULT_TARGET, MODES, HSpaceDebias, ImageDe
 from facelab.io.errors import InputError
 from facelab.io.grids import save_grid
 from facelab.io.images import resize_images, save_image
-from facelab.methods.common import device_of, generator, guidance_terms, run_sampler, sampler_timesteps
+from facelab.methods.common import build_sampler, device_of, generator, guidance_terms, run_sampler
 from facelab.metrics.attributes import class_fractions, fairness_discrepancy, feature_frechet
 from facelab.models.classifier import AttributeNet, load_classifier
 from facelab.models.hclassifier import find_hclassifier, load_hclassifier
@@ -41,8 +41,8 @@ def run(cfg: DictConfig, out: Path, gallery) -> dict:
     opts, mode = cfg.method, cfg.mode
     if mode not in MODES:
         raise InputError(f"mode={mode!r}: method=debias takes {', '.join(MODES)}")
-    if opts.asymmetric and cfg.sampler.name != "ddim":
-        raise InputError(f"method.asymmetric=true needs sampler=ddim (not {cfg.sampler.name})")
+    sampler = build_sampler(cfg.sampler)
+    sampler.check(asymmetric=bool(opts.asymmetric))
     target = {name: value for name, value in OmegaConf.to_container(cfg.target, resolve=True).items()
               if value is not None} or DEFAULT_TARGET
     others = guidance_terms(cfg)
@@ -51,7 +51,7 @@ def run(cfg: DictConfig, out: Path, gallery) -> dict:
     device = device_of(cfg)
     denoiser = load_denoiser(cfg.model.pretrained, device)
     evaluator = load_classifier(opts.eval_classifier, device) if opts.eval_classifier else None
-    term = guidance_term(cfg, mode, target, denoiser, device)
+    term = guidance_term(cfg, mode, target, denoiser, sampler, device)
     if term is not None:
         targets = term.objective.targets
     elif evaluator is not None:
@@ -64,12 +64,12 @@ def run(cfg: DictConfig, out: Path, gallery) -> dict:
                 raise InputError(f"target.{name}: the evaluation classifier {opts.eval_classifier} has no "
                                  f"{len(r)}-class head {name} (it predicts {evaluator.heads})")
 
-    images, adp, seconds = sample_batches(cfg, denoiser, term, others, device)
+    images, adp, seconds = sample_batches(cfg, denoiser, sampler, term, others, device)
     evaluation = evaluate(evaluator, images, cfg.batch_size) if evaluator is not None else {}
     write_outputs(out, gallery, images, cfg.batch_size, adp, evaluation, term)
 
     metrics = {"mode": mode, "universal_guidance": bool(opts.universal_guidance), "num_samples": len(images),
-               "sampler": cfg.sampler.name, "steps": cfg.sampler.steps, "eta": cfg.sampler.eta, "seconds": seconds,
+               "sampler": sampler.name, "steps": sampler.steps, "eta": getattr(sampler, "eta", None), "seconds": seconds,
                "seconds_per_image": seconds / len(images), "eval_classifier": opts.eval_classifier,
                "target": {name: r.tolist() for name, r in targets.items()}, "attributes": {}}
     for name, r in targets.items():
@@ -93,7 +93,7 @@ def run(cfg: DictConfig, out: Path, gallery) -> dict:
     return metrics
 
 
-def guidance_term(cfg: DictConfig, mode: str, target: dict, denoiser, device: torch.device):
+def guidance_term(cfg: DictConfig, mode: str, target: dict, denoiser, sampler, device: torch.device):
     """The configured guidance term, checked against the model and grid; None for vanilla without an h-classifier."""
     opts = OmegaConf.to_container(cfg.method, resolve=True)
     common = dict(target=target, mode=mode, loss=opts["loss"], scale_per_sample=opts["scale_per_sample"],
@@ -110,11 +110,11 @@ def guidance_term(cfg: DictConfig, mode: str, target: dict, denoiser, device: to
                         running_estimate=opts["running_estimate"], step_schedule=opts["step_schedule"],
                         grad_steps=opts["grad_steps"], head_lookup=opts["head_lookup"], asymmetric=opts["asymmetric"],
                         **common)
-    term.check(denoiser, sampler_timesteps(denoiser, cfg.sampler).tolist())
+    term.check(denoiser, sampler.timesteps(denoiser.schedule))
     return term
 
 
-def sample_batches(cfg: DictConfig, denoiser, term, others: list, device: torch.device):
+def sample_batches(cfg: DictConfig, denoiser, sampler, term, others: list, device: torch.device):
     """(images [M, 3, H, W] on the CPU, final h-classifier labels {attribute: [M]}, sampling seconds)."""
     unet = denoiser.unet.config
     gen = generator(cfg.seed, device)
@@ -124,7 +124,7 @@ def sample_batches(cfg: DictConfig, denoiser, term, others: list, device: torch.
     for first in tqdm(range(0, cfg.num_samples, cfg.batch_size), desc="batches", disable=not cfg.progress):
         n = min(cfg.batch_size, cfg.num_samples - first)
         x_T = torch.randn(n, unet.in_channels, unet.sample_size, unet.sample_size, generator=gen, device=device)
-        images.append(run_sampler(denoiser, x_T, cfg.sampler, gen, terms, progress=cfg.progress).cpu())
+        images.append(run_sampler(denoiser, x_T, sampler, gen, terms, progress=cfg.progress).cpu())
         for name, probs in (term.last.items() if isinstance(term, HSpaceDebias) else ()):
             adp.setdefault(name, []).append(probs.argmax(1).cpu())
     seconds = time.perf_counter() - start

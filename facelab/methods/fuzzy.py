@@ -30,7 +30,8 @@ from facelab.guidance.fuzzy import STRENGTHS, FuzzyBlend
 from facelab.io.errors import InputError
 from facelab.io.grids import save_grid
 from facelab.io.images import save_image
-from facelab.methods.common import device_of, generator, guidance_terms, run_sampler, sampler_timesteps
+from facelab.diffusion import RePaint
+from facelab.methods.common import build_sampler, device_of, generator, guidance_terms, run_sampler
 from facelab.methods.fuzzy_stats import (
     PROJECTION_STREAM,
     STATS_FILE,
@@ -50,7 +51,8 @@ NPZ_KEYS = {"m": "m", "anomaly": "A", "errzscore": "zhat", "err": "err", "degrad
 
 
 def run(cfg: DictConfig, out: Path, gallery) -> dict:
-    strength = check_options(cfg)
+    sampler = build_sampler(cfg.sampler)
+    strength = check_options(cfg, sampler)
     device = device_of(cfg)
     denoiser = load_denoiser(cfg.model.pretrained, device)
     resolution = denoiser.unet.config.sample_size
@@ -83,7 +85,7 @@ def run(cfg: DictConfig, out: Path, gallery) -> dict:
         blend = FuzzyBlend(y, m, strength, renormalize=not cfg.fuzzy_off, final_composite=cfg.method.final_composite)
         start = time.perf_counter()
         x_T = torch.randn(y.shape, generator=sample_gen, device=device)
-        batch["inpainted"] = run_sampler(denoiser, x_T, cfg.sampler, sample_gen, [blend, *terms],
+        batch["inpainted"] = run_sampler(denoiser, x_T, sampler, sample_gen, [blend, *terms],
                                          progress=cfg.progress)
         seconds["sampling"] += time.perf_counter() - start
         batch.update({f"m_applied_dt{dt}": w.expand_as(m) for dt, w in sorted(blend.applied.items())})
@@ -92,11 +94,11 @@ def run(cfg: DictConfig, out: Path, gallery) -> dict:
     results = {key: torch.cat(values) for key, values in results.items()}
 
     write_outputs(out, gallery, names, results, depths)
-    sampler_calls = sum(reverse for *_, reverse in step_pairs([*sampler_timesteps(denoiser, cfg.sampler), -1]))
+    sampler_calls = sum(reverse for *_, reverse in step_pairs([*sampler.timesteps(denoiser.schedule), -1]))
     projection_calls = sum(len(projection_times(d, cfg.method.projection_offset, cfg.method.projection_step))
                            for d in depths)
     total = seconds["projection"] + seconds["sampling"]
-    metrics = {"mode": cfg.mode, "num_images": len(names), "sampler": cfg.sampler.name, "steps": cfg.sampler.steps,
+    metrics = {"mode": cfg.mode, "num_images": len(names), "sampler": sampler.name, "steps": sampler.steps,
                "strength": strength, "mean_m": results["m"].mean().item(),
                "network_calls_per_image": sampler_calls + projection_calls,
                "projection_calls_per_image": projection_calls,
@@ -111,7 +113,7 @@ def run(cfg: DictConfig, out: Path, gallery) -> dict:
 
 
 # --- options and inputs -------------------------------------------------------------------------------
-def check_options(cfg: DictConfig) -> str:
+def check_options(cfg: DictConfig, sampler) -> str:
     """Validate the knobs before any work; return the resolved strength (auto → per_step for sampler=repaint)."""
     if cfg.mode not in MODES:
         raise InputError(f"mode={cfg.mode!r}: use one of {', '.join(MODES)}")
@@ -133,7 +135,7 @@ def check_options(cfg: DictConfig) -> str:
                          "images in gt_path")
     strength = cfg.method.strength
     if strength == "auto":
-        return "per_step" if cfg.sampler.name == "repaint" else "per_time"
+        return "per_step" if isinstance(sampler, RePaint) else "per_time"
     if strength not in STRENGTHS:
         raise InputError(f"method.strength={strength!r}: use auto, {', '.join(STRENGTHS)}")
     return strength

@@ -10,7 +10,7 @@ from tqdm.auto import tqdm
 
 from facelab.io.grids import save_grid
 from facelab.io.images import save_image
-from facelab.methods.common import device_of, generator, guidance_terms, run_sampler
+from facelab.methods.common import build_sampler, device_of, generator, guidance_terms, run_sampler
 from facelab.models.pretrained import load_denoiser
 
 
@@ -18,13 +18,14 @@ def run(cfg: DictConfig, out: Path, gallery) -> dict:
     device = device_of(cfg)
     denoiser = load_denoiser(cfg.model.pretrained, device)
     gen = generator(cfg.seed, device)
+    sampler = build_sampler(cfg.sampler)
     terms = guidance_terms(cfg)
     unet = denoiser.unet.config
     images, start = [], time.perf_counter()
     for first in tqdm(range(0, cfg.num_samples, cfg.batch_size), desc="batches", disable=not cfg.progress):
         n = min(cfg.batch_size, cfg.num_samples - first)
         x_T = torch.randn(n, unet.in_channels, unet.sample_size, unet.sample_size, generator=gen, device=device)
-        images.append(run_sampler(denoiser, x_T, cfg.sampler, gen, terms, progress=cfg.progress).cpu())
+        images.append(run_sampler(denoiser, x_T, sampler, gen, terms, progress=cfg.progress).cpu())
     seconds = time.perf_counter() - start
     images = torch.cat(images)
     for i, image in enumerate(images):
@@ -37,4 +38,4 @@ def run(cfg: DictConfig, out: Path, gallery) -> dict:
             steps = ", ".join(str(f[0]) for f in term.frames)
             gallery.section("trajectory").append([(f"x_t (upper) and x̂0 (lower) at t = {steps}", path)])
     return {"num_samples": len(images), "seconds": seconds, "seconds_per_image": seconds / len(images),
-            "sampler": cfg.sampler.name, "steps": cfg.sampler.steps}
+            "sampler": sampler.name, "steps": sampler.steps}

@@ -40,7 +40,7 @@ from facelab.diffusion.hspace import WHERE
 from facelab.io.errors import InputError
 from facelab.io.grids import save_grid
 from facelab.io.images import resize_images
-from facelab.methods.common import device_of, generator, run_sampler, sampler_timesteps
+from facelab.methods.common import build_sampler, device_of, generator, run_sampler
 from facelab.models.classifier import load_classifier
 from facelab.models.pretrained import load_denoiser, model_fingerprint
 
@@ -63,14 +63,16 @@ def run(cfg: DictConfig, out: Path, gallery) -> dict:
         raise FileExistsError(f"{folder}: already holds h-space shards; choose another method.out")
     device = device_of(cfg)
     denoiser = load_denoiser(cfg.model.pretrained, device)
-    grid = extraction_grid(denoiser, cfg.sampler)
+    sampler = build_sampler(cfg.sampler)
+    grid = extraction_grid(denoiser, sampler)
     meta = {"format": FORMAT, "model": str(cfg.model.pretrained), "fingerprint": model_fingerprint(denoiser),
             "where": opts.where, "grid": grid, "num_train_timesteps": denoiser.schedule.num_train_timesteps,
             "resolution": denoiser.unet.config.sample_size, "source": opts.source,
-            "sampler": OmegaConf.to_container(cfg.sampler, resolve=True)}
+            "sampler": {"name": sampler.name, **{k: v for k, v in OmegaConf.to_container(cfg.sampler, resolve=True).items()
+                                                 if not k.startswith("_")}}}
     start = time.perf_counter()
     if opts.source == "trajectory":
-        batches, labelling = trajectory_batches(cfg, denoiser, grid, device)
+        batches, labelling = trajectory_batches(cfg, denoiser, sampler, grid, device)
     else:
         batches, labelling = inversion_batches(cfg, denoiser, grid, device)
     meta.update(labelling)
@@ -90,9 +92,9 @@ def run(cfg: DictConfig, out: Path, gallery) -> dict:
             "seconds": seconds, "seconds_per_image": seconds / writer.count}
 
 
-def extraction_grid(denoiser, sampler: DictConfig) -> list[int]:
+def extraction_grid(denoiser, sampler) -> list[int]:
     """The sampler's grid as a strictly decreasing list of training times (no RePaint jumps)."""
-    grid = [int(t) for t in sampler_timesteps(denoiser, sampler)]
+    grid = sampler.timesteps(denoiser.schedule)
     if any(s >= t for t, s in zip(grid, grid[1:])):
         raise InputError(f"sampler={sampler.name}: h extraction needs a decreasing grid (use sampler=ddim or ddpm)")
     return grid
@@ -148,7 +150,7 @@ def inversion_batches(cfg: DictConfig, denoiser, grid: list[int], device: torch.
     return batches(), labelling
 
 
-def trajectory_batches(cfg: DictConfig, denoiser, grid: list[int], device: torch.device):
+def trajectory_batches(cfg: DictConfig, denoiser, sampler, grid: list[int], device: torch.device):
     """Batches of the sampler's own trajectories, each final image labelled by the attribute classifier."""
     opts = cfg.method
     classifier = load_classifier(opts.classifier, device)
@@ -159,7 +161,7 @@ def trajectory_batches(cfg: DictConfig, denoiser, grid: list[int], device: torch
                          f"{', '.join(classifier.heads)}")
     heads = {a: classifier.heads[a] for a in wanted}
     labelling = {"attributes": heads, "label_source": f"classifier:{opts.classifier}",
-                 "eta": float(cfg.sampler.eta)}
+                 "eta": float(getattr(sampler, "eta", 0.0))}
     unet = denoiser.unet.config
     gen = generator(cfg.seed, device)
 
@@ -169,7 +171,7 @@ def trajectory_batches(cfg: DictConfig, denoiser, grid: list[int], device: torch
             n = min(cfg.batch_size, cfg.num_samples - first)
             x_T = torch.randn(n, unet.in_channels, unet.sample_size, unet.sample_size, generator=gen, device=device)
             with hspace(denoiser.unet, opts.where, capture=True) as hs:
-                images = run_sampler(denoiser, x_T, cfg.sampler, gen, progress=False)
+                images = run_sampler(denoiser, x_T, sampler, gen, progress=False)
             probs = classifier.predict(resize_images(images, classifier.image_size))
             labels = torch.stack([probs[a].argmax(1) for a in heads], 1)
             yield images, torch.stack(hs, 1), labels, [f"sample_{first + i:06d}" for i in range(n)]

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
@@ -19,8 +18,8 @@ from torch import Tensor, nn
 
 from facelab.diffusion import Schedule
 from facelab.io.errors import InputError
+from facelab.models.base import DEFAULT, NOT_HYPERPARAMETERS, FacelabModule, one_cycle
 from facelab.models.components.convnet import ConvEncoder
-from facelab.models.components.seeding import keyed_generator
 
 
 class AttributeNet(nn.Module):
@@ -67,12 +66,13 @@ class AttributeNet(nn.Module):
         return probs
 
 
-class AttributeClassifier(pl.LightningModule):
+class AttributeClassifier(FacelabModule):
     """Trains an AttributeNet on batches with `image`, `attributes` (columns named by the data's attribute_names)
     and one integer column per categorical head (e.g. `skin_tone`).
 
     noise_aware: images are noised to a uniform random t with `scheduler` (a diffusers scheduler config) and the
     net reads (x_t, t), so its gradients are meaningful along a sampling trajectory.
+    Optimiser (facelab.models.base): default AdamW(lr, weight_decay) with a one-cycle LR schedule peaking at lr.
     """
 
     export_name = "classifier"
@@ -80,9 +80,9 @@ class AttributeClassifier(pl.LightningModule):
     def __init__(self, attributes: list[str], categorical: dict[str, int] | None = None,
                  channels: tuple[int, ...] = (32, 64, 128, 128), image_size: int = 64, noise_aware: bool = False,
                  scheduler: dict | None = None, lr: float = 1e-3, weight_decay: float = 1e-4, seed: int = 0,
-                 data_identity: dict | None = None):
-        super().__init__()
-        self.save_hyperparameters()
+                 data_identity: dict | None = None, optimizer=None, lr_scheduler=DEFAULT):
+        super().__init__(optimizer, lr_scheduler)
+        self.save_hyperparameters(ignore=NOT_HYPERPARAMETERS)
         if noise_aware and scheduler is None:
             raise InputError("a noise-aware classifier needs model.scheduler (the diffusion schedule it reads)")
         self.net = AttributeNet(attributes, categorical, tuple(channels), noise_aware, image_size)
@@ -114,27 +114,24 @@ class AttributeClassifier(pl.LightningModule):
             correct[name] = (logits[name].argmax(1) == labels).float()
         return torch.stack(losses).mean(), correct
 
-    def _generator(self, *key: int) -> torch.Generator:
-        return keyed_generator(self.device, self.hparams.seed, self.global_rank, *key)
-
     def training_step(self, batch, batch_idx):
-        loss, correct = self._step(batch, self._generator(0, self.global_step))
+        loss, correct = self._step(batch, self.generator(0, self.global_step))
         self.log("train/loss", loss, prog_bar=True, sync_dist=True, batch_size=len(batch["image"]))
         return loss
 
     def validation_step(self, batch, batch_idx):
-        loss, correct = self._step(batch, self._generator(1, batch_idx))
+        loss, correct = self._step(batch, self.generator(1, batch_idx))
         n = len(batch["image"])
         self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=n)
         accs = {name: c.mean() for name, c in correct.items()}
         self.log("val/acc", torch.stack(list(accs.values())).mean(), prog_bar=True, sync_dist=True, batch_size=n)
         self.log_dict({f"val/acc/{k}": v for k, v in accs.items()}, sync_dist=True, batch_size=n)
 
-    def configure_optimizers(self):
-        opt = torch.optim.AdamW(self.net.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
-        steps = self.trainer.max_steps if self.trainer and self.trainer.max_steps > 0 else 10000
-        sched = torch.optim.lr_scheduler.OneCycleLR(opt, self.hparams.lr, total_steps=steps, pct_start=0.1)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+    def optimizer_params(self):
+        return self.net.parameters()
+
+    def default_lr_scheduler(self):
+        return one_cycle(self.hparams.lr)
 
     def export(self, folder: str | Path) -> Path:
         folder = Path(folder)

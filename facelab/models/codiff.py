@@ -12,19 +12,17 @@ import json
 from collections.abc import Mapping
 from pathlib import Path
 
-import pytorch_lightning as pl
 import torch
-import torch.nn.functional as F
 from diffusers import UNet2DConditionModel
 from torch import nn
 
 from facelab.data.datamodule import collate_faces
-from facelab.diffusion import Schedule, sample
+from facelab.diffusion import DDIM, Schedule, sample
 from facelab.diffusion.collab import SPATIAL_MODALITIES, CollaborativeDenoiser, Reweight
 from facelab.io.checkpoints import load_checkpoint
 from facelab.io.errors import InputError
+from facelab.models.base import DEFAULT, NOT_HYPERPARAMETERS, DiffusionModule
 from facelab.models.components.ema import EMA
-from facelab.models.components.seeding import keyed_generator
 from facelab.models.latent import LatentModel, load_latent_model
 from facelab.models.pretrained import ZOO_DIR
 
@@ -93,7 +91,7 @@ def _portable(source: str) -> str:
     return str(path.resolve()) if path.exists() else source
 
 
-class DynamicDiffusers(pl.LightningModule):
+class DynamicDiffusers(DiffusionModule):
     """Trains one dynamic diffuser per modality on top of frozen latent models.
 
     models: {name: source} of each modality's LatentModel (zoo name, exported folder or .ckpt), in mixing order.
@@ -103,16 +101,15 @@ class DynamicDiffusers(pl.LightningModule):
     always mixes with the learned softmax). The EMA diffusers are used for validation, sample grids and export. The
     loss's t and noise come from generators keyed by (seed, rank, step, batch), never the global RNG. Checkpoints hold
     only the D_m (and their EMA) plus the manifest with the models' fingerprints: the frozen models reload from their
-    sources.
+    sources. Optimiser and LR schedule: facelab.models.base (default AdamW(lr, weight_decay), a linear warm-up).
     """
-
-    export_name = "diffusers"
 
     def __init__(self, models: dict[str, str], diffuser: dict, head_dim: int = 16, lr: float = 1e-4,
                  weight_decay: float = 0.01, warmup_steps: int = 0, ema_decay: float = 0.999, seed: int = 0,
-                 keys: dict[str, str] | None = None, image_key: str = "image", collab: dict | None = None):
-        super().__init__()
-        self.save_hyperparameters()
+                 keys: dict[str, str] | None = None, image_key: str = "image", collab: dict | None = None,
+                 optimizer=None, lr_scheduler=DEFAULT):
+        super().__init__(optimizer, lr_scheduler)
+        self.save_hyperparameters(ignore=NOT_HYPERPARAMETERS)
         if not models:
             raise InputError("model.models is empty: give {name: source} for each modality's latent model")
         experts = {name: load_stage(name, str(source)) for name, source in models.items()}
@@ -158,31 +155,13 @@ class DynamicDiffusers(pl.LightningModule):
     def loss(self, collab: CollaborativeDenoiser, batch: dict, generator: torch.Generator) -> torch.Tensor:
         with torch.no_grad():
             z0 = collab.models[0].encode(batch[self.hparams.image_key])
-        t = torch.randint(0, self.schedule.num_train_timesteps, (len(z0),), device=z0.device, generator=generator)
-        noise = torch.randn(z0.shape, device=z0.device, dtype=z0.dtype, generator=generator)
-        return F.mse_loss(collab(self.schedule.q_sample(z0, t, noise), t, self.conditions(batch)), noise)
+        return self.eps_loss(z0, generator, lambda z_t, t: collab(z_t, t, self.conditions(batch)))
 
-    def generator(self, *key: int) -> torch.Generator:
-        return keyed_generator(self.device, self.hparams.seed, self.global_rank, *key)
+    def ema_target(self) -> nn.ModuleDict:
+        return self.diffusers
 
-    def training_step(self, batch, batch_idx):
-        loss = self.loss(self.collaborative(ema=False), batch, self.generator(0, self.global_step, batch_idx))
-        self.log("train/loss", loss, prog_bar=True, sync_dist=True, batch_size=len(batch[self.hparams.image_key]))
-        return loss
-
-    def optimizer_step(self, *args, **kwargs):
-        super().optimizer_step(*args, **kwargs)
-        self.ema.update(self.diffusers)
-
-    def validation_step(self, batch, batch_idx):
-        loss = self.loss(self.collaborative(), batch, self.generator(1, batch_idx))
-        self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=len(batch[self.hparams.image_key]))
-
-    def configure_optimizers(self):
-        opt = torch.optim.AdamW(self.diffusers.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
-        warmup = max(1, self.hparams.warmup_steps)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / warmup))
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+    def step_loss(self, batch: dict, generator: torch.Generator, ema: bool) -> torch.Tensor:
+        return self.loss(self.collaborative(ema=ema), batch, generator)
 
     @torch.no_grad()
     def sample_images(self, num: int, steps: int = 50, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -193,8 +172,8 @@ class DynamicDiffusers(pl.LightningModule):
         collab = self.collaborative(reweight=self.reweight)
         z = torch.randn(len(batch[self.hparams.image_key]), *collab.models[0].latent_shape, generator=generator,
                         device=self.device)
-        z = sample(collab, self.schedule, z, ldm_timesteps(self.schedule, steps), eta=SAMPLE_ETA, final=0,
-                   cond=self.conditions(batch), clip=self.schedule.clip_sample, generator=generator, progress=False)
+        z = sample(collab, self.schedule, z, ldm_timesteps(self.schedule, steps), sampler=DDIM(eta=SAMPLE_ETA),
+                   final=0, cond=self.conditions(batch), generator=generator, progress=False)
         return collab.decode(z)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:

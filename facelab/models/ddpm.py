@@ -1,22 +1,18 @@
 """Pixel-space DDPM: a diffusers UNet2DModel trained with the ε-prediction loss, with an EMA copy."""
 from __future__ import annotations
 
-from pathlib import Path
-
-import pytorch_lightning as pl
 import torch
-import torch.nn.functional as F
-from diffusers import DDPMScheduler, UNet2DModel
+from diffusers import UNet2DModel
 
-from facelab.diffusion import Denoiser, Schedule, sample
+from facelab.diffusion import DDIM, Denoiser, Schedule, sample
 from facelab.io.errors import InputError
+from facelab.models.base import DEFAULT, NOT_HYPERPARAMETERS, DiffusionModule
 from facelab.models.components.attributes import attribute_unet
 from facelab.models.components.ema import EMA
-from facelab.models.components.seeding import keyed_generator
 from facelab.models.pretrained import load_denoiser
 
 
-class PixelDDPM(pl.LightningModule):
+class PixelDDPM(DiffusionModule):
     """ε-loss DDPM on images in [-1, 1]. `unet` and `scheduler` are diffusers config dicts.
 
     `attributes` (names of columns of the batches' `attributes`) makes it attribute-conditional (CycleDiff): the
@@ -29,16 +25,18 @@ class PixelDDPM(pl.LightningModule):
     The EMA weights are the ones used for validation, sample grids and export. The loss's noise and timesteps are
     drawn from generators seeded by (`seed`, rank, step, batch): never from the global RNG, so a run resumed from a
     checkpoint continues exactly as an uninterrupted one, and validation draws the same noise at every check.
+    Optimiser: `optimizer` (default AdamW(lr, weight_decay)) and `lr_scheduler` (default a linear warm-up over
+    `warmup_steps`), see facelab.models.base. Export (`export`): the EMA UNet and the scheduler as a diffusers folder
+    (unet/, scheduler/); an attribute-conditional UNet keeps its attribute embedding in the same safetensors file and
+    its attribute names in unet/config.json.
     """
-
-    export_name = "diffusers"
 
     def __init__(self, unet: dict, scheduler: dict, lr: float = 2e-4, weight_decay: float = 0.0,
                  warmup_steps: int = 200, ema_decay: float = 0.999, image_key: str = "image", seed: int = 0,
                  init_from: str | None = None, attributes: list[str] | None = None, label_dropout: float = 0.0,
-                 embedding_lr_scale: float = 1.0):
-        super().__init__()
-        self.save_hyperparameters()
+                 embedding_lr_scale: float = 1.0, optimizer=None, lr_scheduler=DEFAULT):
+        super().__init__(optimizer, lr_scheduler)
+        self.save_hyperparameters(ignore=NOT_HYPERPARAMETERS)
         if not 0 <= label_dropout < 1:
             raise InputError(f"model.label_dropout={label_dropout}: must lie in [0, 1)")
         self.unet = attribute_unet(unet, attributes) if attributes else UNet2DModel(**unet)
@@ -74,40 +72,27 @@ class PixelDDPM(pl.LightningModule):
         return Denoiser(self.ema.module if ema else self.unet, self.schedule)
 
     def loss(self, unet: torch.nn.Module, batch: dict, generator: torch.Generator) -> torch.Tensor:
-        x0 = batch[self.hparams.image_key]
-        t = torch.randint(0, self.schedule.num_train_timesteps, (x0.shape[0],), device=x0.device, generator=generator)
-        noise = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
-        x_t = self.schedule.q_sample(x0, t, noise)
-        return F.mse_loss(unet(x_t, t, class_labels=self.condition(batch, generator)).sample, noise)
+        return self.eps_loss(batch[self.hparams.image_key], generator,
+                             lambda x_t, t: unet(x_t, t, class_labels=self.condition(batch, generator)).sample)
 
-    def generator(self, *key: int) -> torch.Generator:
-        """A generator on the module's device seeded by (seed, rank, *key)."""
-        return keyed_generator(self.device, self.hparams.seed, self.global_rank, *key)
+    def ema_target(self) -> torch.nn.Module:
+        return self.unet
 
-    def training_step(self, batch, batch_idx):
-        loss = self.loss(self.unet, batch, self.generator(0, self.global_step, batch_idx))
-        # synced: the mean over the global batch, so curves compare across device counts
-        self.log("train/loss", loss, prog_bar=True, sync_dist=True, batch_size=len(batch[self.hparams.image_key]))
-        return loss
+    def step_loss(self, batch: dict, generator: torch.Generator, ema: bool) -> torch.Tensor:
+        return self.loss(self.ema.module if ema else self.unet, batch, generator)
 
-    def optimizer_step(self, *args, **kwargs):
-        super().optimizer_step(*args, **kwargs)
-        self.ema.update(self.unet)  # here, not in on_train_batch_end, so checkpoints taken at this step include it
-
-    def validation_step(self, batch, batch_idx):
-        loss = self.loss(self.ema.module, batch, self.generator(1, batch_idx))
-        self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=len(batch[self.hparams.image_key]))
-
-    def configure_optimizers(self):
-        # the attribute embedding may learn faster than the (pretrained) rest: its signal in the loss is small
+    def optimizer_params(self) -> list[dict]:
+        """The UNet; its attribute embedding (if any) in a second group, whose lr build_optimizer scales."""
         embedding = [p for n, p in self.unet.named_parameters() if n.startswith("class_embedding.")]
         rest = [p for n, p in self.unet.named_parameters() if not n.startswith("class_embedding.")]
-        groups = [{"params": rest}] + ([{"params": embedding, "lr": self.hparams.lr * self.hparams.embedding_lr_scale}]
-                                       if embedding else [])
-        opt = torch.optim.AdamW(groups, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
-        warmup = max(1, self.hparams.warmup_steps)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / warmup))
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        return [{"params": rest}] + ([{"params": embedding}] if embedding else [])
+
+    def build_optimizer(self) -> torch.optim.Optimizer:
+        # the attribute embedding may learn faster than the (pretrained) rest: its signal in the loss is small
+        optimizer = super().build_optimizer()
+        for group in optimizer.param_groups[1:]:
+            group["lr"] = optimizer.defaults["lr"] * self.hparams.embedding_lr_scale
+        return optimizer
 
     @torch.no_grad()
     def sample_images(self, num: int, steps: int = 50, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -115,13 +100,5 @@ class PixelDDPM(pl.LightningModule):
         attribute-conditional model samples under the null label)."""
         size = self.hparams.unet["sample_size"]
         x = torch.randn(num, self.unet.config.in_channels, size, size, generator=generator, device=self.device)
-        return sample(self.denoiser(), self.schedule, x, self.schedule.timesteps(steps), eta=0.0,
-                      clip=self.schedule.clip_sample, generator=generator, progress=False)
-
-    def export(self, folder: str | Path) -> Path:
-        """Write the EMA UNet and the scheduler as a diffusers folder (unet/, scheduler/); an attribute-conditional UNet
-        keeps its attribute embedding in the same safetensors file and its attribute names in unet/config.json."""
-        folder = Path(folder)
-        self.ema.module.save_pretrained(folder / "unet", safe_serialization=True)
-        DDPMScheduler.from_config(self.schedule.config).save_pretrained(folder / "scheduler")
-        return folder
+        return sample(self.denoiser(), self.schedule, x, self.schedule.timesteps(steps), sampler=DDIM(),
+                      generator=generator, progress=False)

@@ -25,7 +25,6 @@ import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
-import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
@@ -34,12 +33,13 @@ from torch import Tensor, nn
 from torch.utils.data import Subset
 
 from facelab.io.errors import InputError
-from facelab.methods.hextract import HSpaceDataset
+from facelab.models.base import DEFAULT, NOT_HYPERPARAMETERS, FacelabModule
 
 KINDS = ("per_t", "conditioned")
 DIRECTIONS = ("free", "class_means")
 LOOKUPS = ("exact", "nearest")
 ACCURACY_CSV, ACCURACY_PNG = "hclf_accuracy.csv", "hclf_accuracy.png"
+HSPACE_KEYS = {"attributes", "h_shape", "grid", "num_train_timesteps"}  # the shard metadata an HNet is built from
 
 
 class HNet(nn.Module):
@@ -191,21 +191,23 @@ def load_hclassifier(source: str | Path, device: str | torch.device = "cpu") -> 
     return net.to(device).eval().requires_grad_(False)
 
 
-class HClassifier(pl.LightningModule):
+class HClassifier(FacelabModule):
     """Trains an HNet on `data=hspace` (an HSpaceDataset); the net is built in `setup` from the shards' metadata.
 
     attributes: the heads to train (default: every attribute the shards label). head: per_t | conditioned.
     direction: free (every weight trains, the original) | class_means (each class's weight vector is fixed to its
     centred class mean of h over the training faces at that t, scaled so that the class means are 2 logits apart;
-    a gain per t and attribute and the biases train; per_t only).
+    a gain per t and attribute and the biases train; per_t only). Optimiser (facelab.models.base): default
+    AdamW(lr, weight_decay), no LR schedule.
     """
 
     export_name = "hclf"
 
     def __init__(self, attributes: list[str] | None = None, head: str = "per_t", anchors: int = 8,
-                 direction: str = "free", lr: float = 1e-3, weight_decay: float = 1e-4, seed: int = 0):
-        super().__init__()
-        self.save_hyperparameters()
+                 direction: str = "free", lr: float = 1e-3, weight_decay: float = 1e-4, seed: int = 0,
+                 optimizer=None, lr_scheduler=DEFAULT):
+        super().__init__(optimizer, lr_scheduler)
+        self.save_hyperparameters(ignore=NOT_HYPERPARAMETERS)
         if head not in KINDS:
             raise InputError(f"model.head={head!r}: use one of {', '.join(KINDS)}")
         if direction not in DIRECTIONS:
@@ -224,9 +226,10 @@ class HClassifier(pl.LightningModule):
         dataset = self.trainer.datamodule.train_set
         while isinstance(dataset, Subset):
             dataset = dataset.dataset
-        if not isinstance(dataset, HSpaceDataset):
+        meta = getattr(dataset, "meta", None)  # an HSpaceDataset (facelab.methods.hextract): the shards' metadata
+        if not isinstance(meta, dict) or not HSPACE_KEYS <= meta.keys():
             raise InputError("model=hclf trains on h-space shards: use data=hspace data.dataset.path=<shards>")
-        self.build(dataset.meta)
+        self.build(meta)
         if self.hparams.direction == "class_means":
             self.net.fix_directions(*self.class_mean_directions(self.trainer.datamodule.train_set))
 
@@ -305,8 +308,8 @@ class HClassifier(pl.LightningModule):
         if self.trainer.is_global_zero and not self.trainer.sanity_checking:
             write_accuracy(Path(self.trainer.default_root_dir), self.accuracy)
 
-    def configure_optimizers(self):
-        return torch.optim.AdamW(self.net.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+    def optimizer_params(self):
+        return self.net.parameters()
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["hspace_meta"], checkpoint["hclf_config"] = self.meta, self.net.config

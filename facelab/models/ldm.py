@@ -4,22 +4,20 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytorch_lightning as pl
 import torch
-import torch.nn.functional as F
 from diffusers import UNet2DConditionModel
 from torch import nn
 
-from facelab.diffusion import Denoiser, Schedule, sample
+from facelab.diffusion import DDIM, Denoiser, Schedule, sample
 from facelab.io.errors import InputError
+from facelab.models.base import DEFAULT, NOT_HYPERPARAMETERS, DiffusionModule
 from facelab.models.components.conditions import build_condition_encoder
 from facelab.models.components.ema import EMA
-from facelab.models.components.seeding import keyed_generator
 from facelab.models.latent import LatentModel, check_compatible, latent_shape
 from facelab.models.vae import load_vae, vae_config
 
 
-class LatentDDPM(pl.LightningModule):
+class LatentDDPM(DiffusionModule):
     """ε-loss DDPM on z_0 = s_f·sample(E(x)) (the posterior sample drawn from a keyed generator, as LDM does).
 
     `vae`: a trained VAE (zoo name, export folder or .ckpt), frozen and kept in the checkpoints so they are
@@ -31,15 +29,15 @@ class LatentDDPM(pl.LightningModule):
 
     The EMA (of the UNet and a trainable encoder) gives validation, sample grids, `latent_model()` and the export. The
     loss's randomness comes from generators keyed by (seed, rank, step, batch): exact resume, no global RNG.
+    Optimiser and LR schedule: facelab.models.base (default AdamW(lr, weight_decay), a linear warm-up).
     """
-
-    export_name = "diffusers"
 
     def __init__(self, unet: dict, scheduler: dict, vae: str, condition: dict, modality_key: str = "mask",
                  condition_dropout: float = 0.1, lr: float = 1e-4, weight_decay: float = 0.01,
-                 warmup_steps: int = 200, ema_decay: float = 0.999, image_key: str = "image", seed: int = 0):
-        super().__init__()
-        self.save_hyperparameters()
+                 warmup_steps: int = 200, ema_decay: float = 0.999, image_key: str = "image", seed: int = 0,
+                 optimizer=None, lr_scheduler=DEFAULT):
+        super().__init__(optimizer, lr_scheduler)
+        self.save_hyperparameters(ignore=NOT_HYPERPARAMETERS)
         if not 0 <= condition_dropout < 1:
             raise InputError(f"model.condition_dropout={condition_dropout}: must lie in [0, 1)")
         if not vae:
@@ -75,10 +73,6 @@ class LatentDDPM(pl.LightningModule):
     def scale_factor(self) -> float:
         return float(self.vae.config.scaling_factor)
 
-    def generator(self, *key: int) -> torch.Generator:
-        """A generator on the module's device seeded by (seed, rank, *key)."""
-        return keyed_generator(self.device, self.hparams.seed, self.global_rank, *key)
-
     def condition_values(self, batch: dict, generator: torch.Generator, dropout: float) -> list:
         """The batch's condition values, each replaced by None (the null condition) with probability `dropout`."""
         key = self.hparams.modality_key
@@ -92,34 +86,21 @@ class LatentDDPM(pl.LightningModule):
         x0 = batch[self.hparams.image_key]
         with torch.no_grad():
             z0 = self.scale_factor * self.vae.encode(x0).latent_dist.sample(generator)
-        t = torch.randint(0, self.schedule.num_train_timesteps, (len(z0),), device=z0.device, generator=generator)
-        noise = torch.randn(z0.shape, device=z0.device, dtype=z0.dtype, generator=generator)
         encoder = nets["encoder"] if self.train_encoder else self.encoder
-        tokens, mask = encoder(self.condition_values(batch, generator, dropout))
-        eps = nets["unet"](self.schedule.q_sample(z0, t, noise), t, encoder_hidden_states=tokens,
-                           encoder_attention_mask=mask).sample
-        return F.mse_loss(eps, noise)
 
-    def training_step(self, batch, batch_idx):
-        loss = self.loss(self.trained(), batch, self.generator(0, self.global_step, batch_idx),
-                         self.hparams.condition_dropout)
-        self.log("train/loss", loss, prog_bar=True, sync_dist=True, batch_size=len(batch[self.hparams.image_key]))
-        return loss
+        def predict(z_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:  # the condition dropout draws after t, ε
+            tokens, mask = encoder(self.condition_values(batch, generator, dropout))
+            return nets["unet"](z_t, t, encoder_hidden_states=tokens, encoder_attention_mask=mask).sample
 
-    def optimizer_step(self, *args, **kwargs):
-        super().optimizer_step(*args, **kwargs)
-        self.ema.update(self.trained())  # here, so checkpoints taken at this step include it
+        return self.eps_loss(z0, generator, predict)
 
-    def validation_step(self, batch, batch_idx):
-        loss = self.loss(self.ema.module, batch, self.generator(1, batch_idx), 0.0)  # conditional loss
-        self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=len(batch[self.hparams.image_key]))
+    def ema_target(self) -> nn.ModuleDict:
+        return self.trained()
 
-    def configure_optimizers(self):
-        opt = torch.optim.AdamW(self.trained().parameters(), lr=self.hparams.lr,
-                                weight_decay=self.hparams.weight_decay)
-        warmup = max(1, self.hparams.warmup_steps)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / warmup))
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+    def step_loss(self, batch: dict, generator: torch.Generator, ema: bool) -> torch.Tensor:
+        if ema:  # validation: the conditional loss of the EMA model
+            return self.loss(self.ema.module, batch, generator, 0.0)
+        return self.loss(self.trained(), batch, generator, self.hparams.condition_dropout)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["vae_config"] = vae_config(self.vae)  # with the frozen vae.* weights: load_latent_model(.ckpt)
@@ -143,8 +124,8 @@ class LatentDDPM(pl.LightningModule):
         conditions, x̂0 clamped as the scheduler config says, decoded to [-1, 1]."""
         model = self.latent_model()
         z = torch.randn(num, *model.latent_shape, generator=generator, device=self.device)
-        z = sample(model.denoiser, self.schedule, z, self.schedule.timesteps(steps), eta=1.0,
-                   cond=model.condition(self.preview_values(num)), clip=self.schedule.clip_sample,
+        z = sample(model.denoiser, self.schedule, z, self.schedule.timesteps(steps), sampler=DDIM(eta=1.0),
+                   cond=model.condition(self.preview_values(num)),
                    generator=generator, progress=False)
         return model.decode(z)
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
@@ -21,6 +20,7 @@ from torch import Tensor
 from facelab.data.synthetic import SEG_CLASSES
 from facelab.io.errors import InputError
 from facelab.metrics.parsing import confusion_matrix, scores
+from facelab.models.base import DEFAULT, NOT_HYPERPARAMETERS, FacelabModule, one_cycle
 from facelab.models.components.segnet import SegNet
 
 
@@ -50,16 +50,19 @@ class ParserNet(SegNet):
         return logits.argmax(1)
 
 
-class FaceParser(pl.LightningModule):
-    """Trains a ParserNet on batches with `image` [B, 3, H, W] in [-1, 1] and `mask` int64 [B, H, W]."""
+class FaceParser(FacelabModule):
+    """Trains a ParserNet on batches with `image` [B, 3, H, W] in [-1, 1] and `mask` int64 [B, H, W].
+
+    Optimiser (facelab.models.base): default AdamW(lr, weight_decay) with a one-cycle LR schedule peaking at lr.
+    """
 
     export_name = "parser"
 
     def __init__(self, channels: tuple[int, ...] = (16, 32, 64, 128), image_size: int = 64,
                  class_weight_power: float = 0.5, weight_samples: int = 256, lr: float = 2e-3,
-                 weight_decay: float = 1e-4, data_identity: dict | None = None):
-        super().__init__()
-        self.save_hyperparameters()
+                 weight_decay: float = 1e-4, data_identity: dict | None = None, optimizer=None, lr_scheduler=DEFAULT):
+        super().__init__(optimizer, lr_scheduler)
+        self.save_hyperparameters(ignore=NOT_HYPERPARAMETERS)
         self.net = ParserNet(tuple(channels), image_size)
         self.register_buffer("class_weights", torch.ones(len(SEG_CLASSES)), persistent=False)
         self.val_confusion: Tensor | None = None
@@ -104,11 +107,11 @@ class FaceParser(pl.LightningModule):
         self.log("val/miou", result["miou"], prog_bar=True)
         self.log_dict({f"val/iou/{name}": value for name, value in result["iou"].items()})
 
-    def configure_optimizers(self):
-        opt = torch.optim.AdamW(self.net.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
-        steps = self.trainer.max_steps if self.trainer and self.trainer.max_steps > 0 else 10000
-        sched = torch.optim.lr_scheduler.OneCycleLR(opt, self.hparams.lr, total_steps=steps, pct_start=0.1)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+    def optimizer_params(self):
+        return self.net.parameters()
+
+    def default_lr_scheduler(self):
+        return one_cycle(self.hparams.lr)
 
     def export(self, folder: str | Path) -> Path:
         folder = Path(folder)

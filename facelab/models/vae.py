@@ -1,10 +1,10 @@
 """KL autoencoder (LDM's first stage): a diffusers AutoencoderKL trained on faces, its latent scale measured on data."""
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
-import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL
@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from facelab.io.checkpoints import load_checkpoint
 from facelab.io.errors import InputError
-from facelab.models.components.seeding import keyed_generator
+from facelab.models.base import DEFAULT, NOT_HYPERPARAMETERS, FacelabModule
 from facelab.models.pretrained import ZOO_DIR
 
 
@@ -35,7 +35,7 @@ class PatchDiscriminator(nn.Module):
         return self.net(x)
 
 
-class VAE(pl.LightningModule):
+class VAE(FacelabModule):
     """AutoencoderKL with LDM's loss: reconstruction + kl_weight·KL, plus an optional hinge PatchGAN from `disc_start`.
 
     Loss scale: the reconstruction term is a per-pixel mean (L1 or MSE) and the KL (summed over the latent) is divided
@@ -50,15 +50,18 @@ class VAE(pl.LightningModule):
     The latent scale s_f = 1/std(posterior means of the first `scale_samples` validation images) is measured, never
     assumed: at every checkpoint (for the weights it holds) and at the end of training, and stored as the
     AutoencoderKL config's `scaling_factor`, which the checkpoint (`vae_config`) and the export carry.
+
+    Optimiser (facelab.models.base): default LDM's autoencoder optimiser Adam(lr, betas=(0.5, 0.9)), no LR schedule.
     """
 
     export_name = "diffusers"
 
     def __init__(self, vae: dict, lr: float = 2e-4, kl_weight: float = 1e-6, rec_loss: str = "l1",
                  disc_start: int | None = None, disc_weight: float = 0.5, disc_channels: int = 64,
-                 disc_layers: int = 3, scale_samples: int = 256, image_key: str = "image", seed: int = 0):
-        super().__init__()
-        self.save_hyperparameters()
+                 disc_layers: int = 3, scale_samples: int = 256, image_key: str = "image", seed: int = 0,
+                 optimizer=None, lr_scheduler=DEFAULT):
+        super().__init__(optimizer, lr_scheduler)
+        self.save_hyperparameters(ignore=NOT_HYPERPARAMETERS)
         if rec_loss not in ("l1", "mse"):
             raise InputError(f"model.rec_loss={rec_loss}: use l1 or mse")
         if scale_samples < 2:
@@ -66,10 +69,6 @@ class VAE(pl.LightningModule):
         self.vae = AutoencoderKL(**vae)
         self.disc = None if disc_start is None else PatchDiscriminator(vae.get("out_channels", 3), disc_channels,
                                                                        disc_layers)
-
-    def generator(self, *key: int) -> torch.Generator:
-        """A generator on the module's device seeded by (seed, rank, *key)."""
-        return keyed_generator(self.device, self.hparams.seed, self.global_rank, *key)
 
     def losses(self, x: Tensor, posterior, z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """(reconstruction loss, KL per pixel, reconstruction) of x decoded from z."""
@@ -111,11 +110,14 @@ class VAE(pl.LightningModule):
         self.log_dict({"val/loss": rec + self.hparams.kl_weight * kl, "val/rec": F.l1_loss(x_rec, x),
                        "val/psnr": psnr}, prog_bar=True, sync_dist=True, batch_size=len(x))
 
-    def configure_optimizers(self):
+    def optimizer_params(self) -> list[dict]:
         groups = [{"params": self.vae.parameters()}]
         if self.disc is not None:
             groups.append({"params": self.disc.parameters()})
-        return torch.optim.Adam(groups, lr=self.hparams.lr, betas=(0.5, 0.9))  # LDM's autoencoder optimiser
+        return groups
+
+    def default_optimizer(self):
+        return functools.partial(torch.optim.Adam, lr=self.hparams.lr, betas=(0.5, 0.9))  # LDM's autoencoder's
 
     @torch.no_grad()
     def measure_scale_factor(self) -> float:
