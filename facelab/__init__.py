@@ -6,3 +6,12 @@ __version__ = "0.1.0"
 # conf/hydra/launcher/submitit_local.yaml replaces the submitit plugin's config of that name on purpose (its task and
 # GPU counts follow the trainer); Hydra validates it against the plugin's schema and warns that this is deprecated.
 warnings.filterwarnings("ignore", message=r"\s*'hydra/launcher/submitit_local' is validated against ConfigStore schema")
+
+
+def __getattr__(name: str):
+    """`facelab.run` and `facelab.Result` (facelab/api.py), imported on first use."""
+    if name in ("run", "Result"):
+        from facelab import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'facelab' has no attribute {name!r}")

@@ -17,7 +17,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from facelab.diffusion import Sampler
+from facelab.diffusion import Sampler, sample
 from facelab.io.errors import InputError
 from facelab.io.gallery import Gallery
 from facelab.io.grids import save_grid
@@ -131,6 +131,11 @@ class Runner:
 
     def guidance(self) -> list:
         return [instantiate(term) for term in (self.cfg.get("guidance") or {}).values()]
+
+    def sample(self, model, x_T: torch.Tensor, sampler: Sampler, guidance=(), generator=None, **kwargs):
+        """The diffusion loop over the sampler's grid (model.schedule), with this run's progress setting."""
+        return sample(model, model.schedule, x_T, sampler=sampler, guidance=guidance, generator=generator,
+                      progress=self.progress, **kwargs)
 
     # --- outputs ---------------------------------------------------------------------------------------------
     def save_images(self, images: torch.Tensor, folder: str, first: int = 0) -> None:

@@ -6,26 +6,15 @@ import shutil
 from pathlib import Path
 
 import hydra
-from hydra.utils import get_method
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from facelab.io.gallery import Gallery
+from facelab.runner import run_method
 from facelab.utils import entry_point
 
 
 def run_sample(cfg: DictConfig) -> dict:
-    """Run the configured method into the run directory; write metrics.json, config.yaml and index.html."""
-    out = Path(cfg.paths.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    if (out / "metrics.json").exists():
-        raise FileExistsError(f"{out} already holds a finished run; choose another hydra.run.dir")
-    config_text = OmegaConf.to_yaml(cfg, resolve=True)
-    (out / "config.yaml").write_text(config_text)
-    gallery = Gallery(out, f"facelab {cfg.method.name}")
-    metrics = get_method(cfg.method._target_)(cfg, out, gallery)
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    gallery.write(metrics, config_text)
-    return metrics
+    """Run the configured method into the run directory (facelab.runner.run_method)."""
+    return run_method(cfg, Path(cfg.paths.output_dir))
 
 
 def run_cell(out: Path, overrides: list[str]) -> dict:

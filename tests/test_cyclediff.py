@@ -12,8 +12,8 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from hydra.utils import instantiate
 from diffusers import DDPMScheduler
+from hydra.utils import instantiate
 
 from conftest import CONF, TINY_TRAIN, TINY_UNET, compose, run_cli
 from facelab.diffusion import DDIM, DDPM, Schedule, State, sample

@@ -3,7 +3,6 @@ import json
 import pytest
 import torch
 from diffusers import UNet2DModel
-
 from omegaconf import OmegaConf
 
 from conftest import TINY_UNET, run_cli

@@ -24,12 +24,11 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .hspace import hspace
 from facelab.io.errors import InputError
 
+from .hspace import hspace
 from .samplers import DDIM, Sampler
 from .schedule import Schedule, step_pairs
-
 
 RUNAWAY = 1e4      # |x| beyond this is a diverged run (pixels and latents live within a few units)
 CHECK_EVERY = 10  # steps between the (synchronising) reads of the device-side flag

@@ -8,7 +8,7 @@ from torch import Tensor
 
 from facelab.diffusion import DDIM, Denoiser, sample
 from facelab.guidance.hedit import HEdit
-from facelab.methods.common import generator
+from facelab.models.components.seeding import stream_generator as generator
 
 X_T_STREAM, NOISE_STREAM = 0, 1  # x_T and the per-step z come from independent generators per seed
 

@@ -25,15 +25,15 @@ Per step: one network call without gradient (the loop's), one with (ε_g), one m
 """
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping, Sequence
-from functools import cached_property
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from facelab.diffusion import Guidance, Schedule, State, randn_like
+from facelab.diffusion import Schedule, State, randn_like
+from facelab.guidance.base import Context, GradientGuidance
+from facelab.io.errors import InputError
 from facelab.io.images import resize_images
 from facelab.models.components.seeding import keyed_generator
 
@@ -54,26 +54,6 @@ class StepNoise(Sequence):
         if not 0 <= i < self.steps:
             raise IndexError(i)
         return torch.randn(self.shape, generator=keyed_generator(self.device, *self.key, i), device=self.device)
-
-
-class Context:
-    """One step as the loss terms see it: the leaf x = x_t and, computed on first use, ε_g, x̂0 and x_in."""
-
-    def __init__(self, state: State, x: Tensor):
-        self.state, self.x = state, x
-
-    @cached_property
-    def eps(self) -> Tensor:
-        return self.state.model(self.x, self.state.t, self.state.cond)
-
-    @cached_property
-    def x0(self) -> Tensor:
-        return self.state.schedule.pred_x0(self.x, self.state.t, self.eps)
-
-    @cached_property
-    def x_in(self) -> Tensor:
-        fac = math.sqrt(1 - self.state.schedule.alpha_bar(self.state.t))
-        return self.x0 * fac + self.x * (1 - fac)
 
 
 def _mse(a: Tensor, b: Tensor) -> Tensor:
@@ -174,28 +154,52 @@ class CycleStepByStep:
         return schedule.q_sample(self.x_src, state.s, self.eps_target)
 
 
-class CycleDiffGuidance(Guidance):
-    """ε ← ε − c_t·g, g = −∇_{x_t} Σ_k w_k·Σ_b L_k (module docstring). terms: {name: (weight, loss term)}; zero
-    weights are dropped. `rows` records each step's t and the batch-mean value of every term."""
+class CycleDiffGuidance(GradientGuidance):
+    """ε ← ε − c_t·g, g = −∇_{x_t} Σ_k w_k·Σ_b L_k (module docstring; the step itself is GradientGuidance's). terms:
+    {name: (weight, loss term)}; zero weights are dropped. `rows` records each step's t and the batch-mean value of
+    every term."""
 
     def __init__(self, terms: Mapping[str, tuple[float, LossTerm]], grad_norm: bool = False):
         self.terms = {name: (float(w), fn) for name, (w, fn) in terms.items() if w}
         self.grad_norm = grad_norm
         self.rows: list[dict] = []
 
-    def after_model(self, state: State) -> None:
-        if not self.terms:
-            return
-        with torch.enable_grad():
-            x = state.x_t.detach().requires_grad_(True)
-            ctx = Context(state, x)
-            losses = {name: fn(ctx) for name, (_, fn) in self.terms.items()}
-            if self.grad_norm:
-                grad = 0
-                for (w, _), loss in zip(self.terms.values(), losses.values()):
-                    g, = torch.autograd.grad(loss.sum(), x, retain_graph=True)
-                    grad = grad + w * g / g.flatten(1).pow(2).mean(1).sqrt().clamp_min(1e-12).view(-1, 1, 1, 1)
-            else:
-                grad, = torch.autograd.grad(sum(w * losses[name].sum() for name, (w, _) in self.terms.items()), x)
-        self.rows.append({"t": state.t, **{name: float(loss.detach().mean()) for name, loss in losses.items()}})
-        state.eps = state.eps + state.sampler.eps_scale(state.schedule, state.t, state.s) * grad
+    def active(self, state: State) -> bool:
+        return bool(self.terms)
+
+    def gradient(self, ctx: Context) -> Tensor:
+        x = ctx.x
+        losses = {name: fn(ctx) for name, (_, fn) in self.terms.items()}
+        if self.grad_norm:
+            grad = 0
+            for (w, _), loss in zip(self.terms.values(), losses.values()):
+                g, = torch.autograd.grad(loss.sum(), x, retain_graph=True)
+                grad = grad + w * g / g.flatten(1).pow(2).mean(1).sqrt().clamp_min(1e-12).view(-1, 1, 1, 1)
+        else:
+            grad, = torch.autograd.grad(sum(w * losses[name].sum() for name, (w, _) in self.terms.items()), x)
+        self.rows.append({"t": ctx.state.t, **{name: float(loss.detach().mean()) for name, loss in losses.items()}})
+        return grad
+
+
+class RangeGuidance(CycleDiffGuidance):
+    """CycleDiff's range term alone, for any pixel-space model: L = weight·mean((x̂0 − clip(x̂0, −1, 1))²) per image,
+    x̂0 from a differentiable network call (conf/guidance/range.yaml)."""
+
+    needs = ("pixels",)
+
+    def __init__(self, weight: float = 3.0):
+        super().__init__({"range": (weight, range_loss)})
+
+
+SOURCE_TERMS = {  # CycleDiff's terms that compare with the source image: what method=cyclediff builds them from
+    "cycle": "method.cycle=origin|step and method.weights.cycle",
+    "feature": "method.weights.perceptual / method.weights.identity with method.networks.perceptual / .identity",
+}
+
+
+def source_only(term: str):
+    """The config of a CycleDiff term that needs each batch's source images and attributes (x_src, y_src): refused
+    with one line everywhere, pointing at method=cyclediff's knobs (conf/guidance/cycle.yaml, feature.yaml)."""
+    raise InputError(f"guidance=[{term}]: this CycleDiff loss compares every edit with its source image and "
+                     f"attributes (x_src, y_src), which only method=cyclediff supplies; there it is built from "
+                     f"{SOURCE_TERMS.get(term, 'method.weights')}, not from guidance=[...]")

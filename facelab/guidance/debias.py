@@ -23,12 +23,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from facelab.diffusion import Guidance, State
+from facelab.guidance.base import Context, GradientGuidance
 from facelab.io.errors import InputError
 from facelab.io.images import resize_images
 from facelab.models.hclassifier import LOOKUPS, HNet, load_hclassifier
@@ -151,6 +153,8 @@ class HSpaceDebias(Guidance):
     predictions per t (before and after the edit) and ‖Δh‖; `last` holds the guided (post-edit) probabilities of the
     latest batch at the lowest guided t, the final ADP prediction.
     """
+
+    needs = ("h_space",)
 
     def __init__(self, classifier: HNet | str, target: Mapping | None = None, mode: str = "distribution",
                  loss: str | None = None, scale: float | Mapping[str, float] = 15.0, scale_per_sample: bool = True,
@@ -279,30 +283,36 @@ class HSpaceDebias(Guidance):
         return rows
 
 
-class ImageDebias(Guidance):
-    """The image-space baseline: attribute-classifier guidance on x̂0 at hook point 3 (see the module docstring).
+class ImageDebias(GradientGuidance):
+    """The image-space baseline: attribute-classifier guidance on x̂0 at hook point 3 (see the module docstring), with
+    ε held fixed (GradientGuidance without a network call; a latent model's x̂0 is decoded first).
 
-    classifier: an AttributeNet (`facelab.models.classifier.load_classifier`); window: [t_low, t_high] or all t.
+    classifier: an AttributeNet or a source `facelab.models.classifier.load_classifier` takes (zoo name, folder);
+    window: [t_low, t_high] or all t. The factor is √(1−ᾱ_t) whatever the sampler (the baseline's score form).
     """
+
+    through_model = False
 
     def __init__(self, classifier, target: Mapping | None = None, mode: str = "sample", loss: str | None = None,
                  scale: float | Mapping[str, float] = 15.0, scale_per_sample: bool = True,
                  temperature: float | None = None, window: Sequence[int] | None = None):
         if mode == "vanilla":
             raise InputError("the image-space baseline guides: use mode=sample or mode=distribution")
+        if isinstance(classifier, (str, Path)):
+            from facelab.models.classifier import load_classifier
+
+            classifier = load_classifier(classifier)
         self.classifier = classifier
         self.temperature = float(DEFAULT_TEMPERATURE.get(mode, 1.0) if temperature is None else temperature)
         self.objective = Objective(target, classifier.heads, mode, loss, scale, scale_per_sample)
         self.window = check_window(window, [0, 10 ** 9])
 
-    def after_model(self, state: State) -> None:
-        if not self.window[0] <= state.t <= self.window[1]:
-            return
-        eps = state.eps.detach()
-        size = self.classifier.image_size
-        with torch.enable_grad():
-            x_t = state.x_t.detach().requires_grad_(True)
-            x0 = state.schedule.pred_x0(x_t, state.t, eps)
-            probs = self.classifier.to(x0.device).predict(resize_images(x0, size), temperature=self.temperature)
-            grad, = torch.autograd.grad(self.objective(probs), x_t)
-        state.eps = eps + (1 - state.schedule.alpha_bar(state.t)) ** 0.5 * grad
+    def active(self, state: State) -> bool:
+        return self.window[0] <= state.t <= self.window[1]
+
+    def eps_scale(self, state: State) -> float:
+        return (1 - state.schedule.alpha_bar(state.t)) ** 0.5
+
+    def loss(self, ctx: Context) -> Tensor:
+        net = self.classifier.to(ctx.x.device)
+        return self.objective(net.predict(resize_images(ctx.images, net.image_size), temperature=self.temperature))

@@ -36,6 +36,7 @@ from facelab.io.images import colorize_mask, read_mask, resize_mask, save_image,
 from facelab.methods.common import build_sampler, clock, device_of, generator
 from facelab.models.codiff import ldm_timesteps, load_collaborative, load_stage
 from facelab.models.latent import load_latent_model
+from facelab.runner import Runner
 
 log = logging.getLogger("facelab")
 ASSETS = Path(__file__).resolve().parents[1] / "assets" / "codiff"
@@ -45,15 +46,17 @@ NROW = 10                           # tiles per row of the per-step grids, as th
 START_STREAM, NOISE_STREAM, REWEIGHT_STREAM = 0, 1, 2
 
 
-def run(cfg: DictConfig, out: Path, gallery) -> dict:
+def run(cfg: DictConfig, runner: Runner) -> dict:
     """method=codiff: the collaborative sampler of model.pretrained under (mask, text)."""
+    out, gallery = runner.out, runner.gallery
     collab = load_collaborative(cfg.model.pretrained, device_of(cfg), Reweight.from_options(cfg.collab),
                                 cfg_scales(cfg))
     return generate(cfg, out, gallery, collab, read_inputs(cfg, collab))
 
 
-def run_ldm(cfg: DictConfig, out: Path, gallery) -> dict:
+def run_ldm(cfg: DictConfig, runner: Runner) -> dict:
     """method=ldm: one uni-modal latent model, method.model or the one whose input is given."""
+    out, gallery = runner.out, runner.gallery
     device = device_of(cfg)
     if cfg.method.model is not None:
         model = load_latent_model(str(cfg.method.model), device)

@@ -35,7 +35,17 @@ from tqdm.auto import tqdm
 
 from facelab.data.layouts import read_attribute_file
 from facelab.data.synthetic import SyntheticFaces
-from facelab.diffusion import DDIM, DDPM, Denoiser, RePaint, Sampler, Schedule, ddim_invert, edit_friendly_invert, sample
+from facelab.diffusion import (
+    DDIM,
+    DDPM,
+    Denoiser,
+    RePaint,
+    Sampler,
+    Schedule,
+    ddim_invert,
+    edit_friendly_invert,
+    sample,
+)
 from facelab.guidance.cyclediff import (
     AttributeLoss,
     CycleDiffGuidance,
@@ -53,6 +63,7 @@ from facelab.metrics.images import l1, psnr, ssim
 from facelab.models.classifier import AttributeNet, load_classifier
 from facelab.models.components.seeding import keyed_generator
 from facelab.models.pretrained import load_denoiser
+from facelab.runner import Runner
 
 # The original's 20 attributes (its preprocess/attributes.py, CelebA names; 1 and 3 merge several CelebA attributes);
 # index 20 is reconstruction. Its README's editable ones: 2, 9, 11, 12, 15, 18, 19.
@@ -70,7 +81,8 @@ NOISE_STREAM, START_STREAM, TERM_STREAM = 1, 2, 3  # generator keys (seed, strea
 GRID_FACES = 16
 
 
-def run(cfg: DictConfig, out: Path, gallery) -> dict:
+def run(cfg: DictConfig, runner: Runner) -> dict:
+    out, gallery = runner.out, runner.gallery
     sampler = check_options(cfg)
     opts, device = cfg.method, device_of(cfg)
     denoiser = load_denoiser(cfg.model.pretrained, device)

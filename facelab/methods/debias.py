@@ -35,9 +35,11 @@ from facelab.metrics.attributes import class_fractions, fairness_discrepancy, fe
 from facelab.models.classifier import AttributeNet, load_classifier
 from facelab.models.hclassifier import find_hclassifier, load_hclassifier
 from facelab.models.pretrained import load_denoiser
+from facelab.runner import Runner
 
 
-def run(cfg: DictConfig, out: Path, gallery) -> dict:
+def run(cfg: DictConfig, runner: Runner) -> dict:
+    out, gallery = runner.out, runner.gallery
     opts, mode = cfg.method, cfg.mode
     if mode not in MODES:
         raise InputError(f"mode={mode!r}: method=debias takes {', '.join(MODES)}")

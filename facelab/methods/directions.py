@@ -38,6 +38,7 @@ from facelab.methods.common import device_of
 from facelab.models.classifier import AttributeNet, load_classifier
 from facelab.models.parser import ParserNet, load_parser
 from facelab.models.pretrained import fingerprint, load_denoiser, model_fingerprint
+from facelab.runner import Runner
 
 DISCOVER = ("pca", "jacobian", "supervised", "conditional")
 REGIONS = {  # composite face regions in CelebAMask-HQ classes
@@ -51,7 +52,8 @@ NATURAL_SCALES = {"pca": [-5, -2.5, 0, 2.5, 5], "jacobian": [-1500, -750, 0, 750
                   "supervised": [-4, -2, 0, 2, 4], "conditional": [-4, -2, 0, 2, 4]}
 
 
-def run(cfg: DictConfig, out: Path, gallery) -> dict:
+def run(cfg: DictConfig, runner: Runner) -> dict:
+    out, gallery = runner.out, runner.gallery
     opts = cfg.method
     if cfg.discover not in (None, *DISCOVER):
         raise InputError(f"discover={cfg.discover}: use one of {', '.join(DISCOVER)}")

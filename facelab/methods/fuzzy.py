@@ -25,12 +25,11 @@ from tqdm.auto import tqdm
 
 from facelab.data.layouts import ImageMaskFolder, keep_outside_face
 from facelab.data.synthetic import SyntheticFaces
-from facelab.diffusion import step_pairs
+from facelab.diffusion import RePaint, step_pairs
 from facelab.guidance.fuzzy import STRENGTHS, FuzzyBlend
 from facelab.io.errors import InputError
 from facelab.io.grids import save_grid
 from facelab.io.images import save_image
-from facelab.diffusion import RePaint
 from facelab.methods.common import build_sampler, device_of, generator, guidance_terms, run_sampler
 from facelab.methods.fuzzy_stats import (
     PROJECTION_STREAM,
@@ -41,6 +40,7 @@ from facelab.methods.fuzzy_stats import (
     projection_times,
 )
 from facelab.models.pretrained import ZOO_DIR, load_denoiser, zoo_names
+from facelab.runner import Runner
 
 MODES = ("mask", "modulate", "replace", "zscore")
 MASK_REDUCES = ("per_channel", "luminance")
@@ -50,7 +50,8 @@ SAMPLER_STREAM, DEGRADE_STREAM = 0, 2
 NPZ_KEYS = {"m": "m", "anomaly": "A", "errzscore": "zhat", "err": "err", "degradation": "degradation"}
 
 
-def run(cfg: DictConfig, out: Path, gallery) -> dict:
+def run(cfg: DictConfig, runner: Runner) -> dict:
+    out, gallery = runner.out, runner.gallery
     sampler = build_sampler(cfg.sampler)
     strength = check_options(cfg, sampler)
     device = device_of(cfg)

@@ -43,6 +43,7 @@ from facelab.io.images import resize_images
 from facelab.methods.common import build_sampler, device_of, generator, run_sampler
 from facelab.models.classifier import load_classifier
 from facelab.models.pretrained import load_denoiser, model_fingerprint
+from facelab.runner import Runner
 
 FORMAT = "facelab.hspace/1"
 SOURCES = ("synthetic", "class_folders", "trajectory")
@@ -50,7 +51,8 @@ DTYPES = {"float16": torch.float16, "float32": torch.float32}
 CATEGORICAL = {"skin_tone": 3}  # the synthetic faces' categorical groups (K classes)
 
 
-def run(cfg: DictConfig, out: Path, gallery) -> dict:
+def run(cfg: DictConfig, runner: Runner) -> dict:
+    out, gallery = runner.out, runner.gallery
     opts = cfg.method
     if opts.source not in SOURCES:
         raise InputError(f"method.source={opts.source!r}: use one of {', '.join(SOURCES)}")

@@ -20,6 +20,7 @@ from facelab.diffusion import Schedule
 from facelab.io.errors import InputError
 from facelab.models.base import DEFAULT, NOT_HYPERPARAMETERS, FacelabModule, one_cycle
 from facelab.models.components.convnet import ConvEncoder
+from facelab.models.pretrained import load_model, plain_model_kind, register
 
 
 class AttributeNet(nn.Module):
@@ -145,11 +146,13 @@ class AttributeClassifier(FacelabModule):
 
 def load_classifier(source: str | Path, device: str | torch.device = "cpu") -> AttributeNet:
     """An AttributeNet in eval mode from a zoo name, an exported folder or a Lightning .ckpt (never unpickled)."""
-    from facelab.models.pretrained import load_plain_model
+    return load_model("classifier", source, device)
 
-    def build(config: dict) -> AttributeNet:
-        return AttributeNet(config["attributes"], config.get("categorical"), tuple(config["channels"]),
-                            config["noise_aware"], config["image_size"])
 
-    return load_plain_model(source, "attribute classifier", "AttributeNet", "attributes", build,
-                            ("scheduler", "data_identity"), device)
+def _build(config: dict) -> AttributeNet:
+    return AttributeNet(config["attributes"], config.get("categorical"), tuple(config["channels"]),
+                        config["noise_aware"], config["image_size"])
+
+
+register(plain_model_kind("classifier", "attribute classifier", "AttributeNet", "attributes", _build,
+                          ("scheduler", "data_identity")))

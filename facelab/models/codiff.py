@@ -19,12 +19,11 @@ from torch import nn
 from facelab.data.datamodule import collate_faces
 from facelab.diffusion import DDIM, Schedule, sample
 from facelab.diffusion.collab import SPATIAL_MODALITIES, CollaborativeDenoiser, Reweight
-from facelab.io.checkpoints import load_checkpoint
 from facelab.io.errors import InputError
 from facelab.models.base import DEFAULT, NOT_HYPERPARAMETERS, DiffusionModule
 from facelab.models.components.ema import EMA
 from facelab.models.latent import LatentModel, load_latent_model
-from facelab.models.pretrained import ZOO_DIR
+from facelab.models.pretrained import ModelKind, load_model, register
 
 MANIFEST = "codiff.json"
 BATCH_KEYS = {"mask": "mask", "text": "caption"}  # the batch entry that feeds each modality's condition encoder
@@ -210,32 +209,33 @@ def load_collaborative(source: str | Path, device: str | torch.device = "cpu", r
 
     reweight: the sampling reweighting (None = the one the export records); cfg_scale: see CollaborativeDenoiser.
     """
-    source = str(source)
-    path = Path(source).expanduser()
-    if (ZOO_DIR / source / MANIFEST).is_file():
-        path = ZOO_DIR / source
-    if path.suffix == ".ckpt":
-        ckpt = load_checkpoint(path)
-        hparams, manifest = ckpt.get("hyper_parameters", {}), ckpt.get("codiff")
-        if manifest is None or "diffuser" not in hparams:
-            raise InputError(f"{path}: not a codiff (dynamic diffusers) checkpoint; train one with {TRAIN_COMMAND}")
-        state = {k[len("ema.module."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("ema.module.")}
+    return load_model("codiff", source, device, reweight=reweight, cfg_scale=cfg_scale)
 
-        def diffuser(name: str, model: LatentModel) -> nn.Module:
-            unet = build_diffuser(hparams["diffuser"], model, hparams.get("head_dim", 16))
-            unet.load_state_dict({k[len(name) + 1:]: v for k, v in state.items() if k.startswith(f"{name}.")})
-            return unet
-    elif (path / MANIFEST).is_file():
-        manifest = json.loads((path / MANIFEST).read_text())
 
-        def diffuser(name: str, model: LatentModel) -> nn.Module:
-            return UNet2DConditionModel.from_pretrained(path / f"diffusers_{name}", low_cpu_mem_usage=False).float()
-    elif path.exists() or "/" in source:
-        raise InputError(f"model.pretrained={source}: not an exported codiff folder (no {MANIFEST}) or a .ckpt of "
-                         f"the dynamic diffusers; train them with {TRAIN_COMMAND}")
-    else:
-        raise InputError(f"model.pretrained={source}: the codiff stage (dynamic diffusers) {source} is not in the zoo; "
-                         f"train it with {TRAIN_COMMAND} and pass its run's diffusers/ folder or a checkpoint")
+def _from_checkpoint(ckpt: dict, path: Path, source: str, device, **options) -> CollaborativeDenoiser:
+    hparams, manifest = ckpt.get("hyper_parameters", {}), ckpt.get("codiff")
+    if manifest is None or "diffuser" not in hparams:
+        raise InputError(f"{path}: not a codiff (dynamic diffusers) checkpoint; train one with {TRAIN_COMMAND}")
+    state = {k[len("ema.module."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("ema.module.")}
+
+    def diffuser(name: str, model: LatentModel) -> nn.Module:
+        unet = build_diffuser(hparams["diffuser"], model, hparams.get("head_dim", 16))
+        unet.load_state_dict({k[len(name) + 1:]: v for k, v in state.items() if k.startswith(f"{name}.")})
+        return unet
+
+    return _collaborative(manifest, diffuser, device, **options)
+
+
+def _from_folder(folder: Path, source: str, device, **options) -> CollaborativeDenoiser:
+    def diffuser(name: str, model: LatentModel) -> nn.Module:
+        return UNet2DConditionModel.from_pretrained(folder / f"diffusers_{name}", low_cpu_mem_usage=False).float()
+
+    return _collaborative(json.loads((folder / MANIFEST).read_text()), diffuser, device, **options)
+
+
+def _collaborative(manifest: Mapping, diffuser, device, reweight: Reweight | None = None,
+                   cfg_scale: float | Mapping[str, float] = 1.0) -> CollaborativeDenoiser:
+    """The frozen models the manifest names (checked against its fingerprints) mixed by diffuser(name, model)."""
     names = [entry["name"] for entry in manifest["modalities"]]
     models = {entry["name"]: load_stage(entry["name"], entry["source"], device) for entry in manifest["modalities"]}
     _check_fingerprints(manifest, models)
@@ -243,3 +243,15 @@ def load_collaborative(source: str | Path, device: str | torch.device = "cpu", r
     diffusers = [diffuser(name, models[name]).to(device).eval().requires_grad_(False) for name in names]
     return CollaborativeDenoiser(list(models.values()), diffusers, names=names,
                                  reweight=reweight or Reweight.from_options(manifest["reweight"]), cfg_scale=cfg_scale)
+
+
+def _not_found(source: str) -> str:
+    if Path(source).expanduser().exists() or "/" in source:
+        return (f"model.pretrained={source}: not an exported codiff folder (no {MANIFEST}) or a .ckpt of the dynamic "
+                f"diffusers; train them with {TRAIN_COMMAND}")
+    return (f"model.pretrained={source}: the codiff stage (dynamic diffusers) {source} is not in the zoo; train it "
+            f"with {TRAIN_COMMAND} and pass its run's diffusers/ folder or a checkpoint")
+
+
+register(ModelKind("codiff", holds=lambda path: path if (path / MANIFEST).is_file() else None,
+                   from_folder=_from_folder, from_checkpoint=_from_checkpoint, not_found=_not_found))

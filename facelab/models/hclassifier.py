@@ -34,6 +34,7 @@ from torch.utils.data import Subset
 
 from facelab.io.errors import InputError
 from facelab.models.base import DEFAULT, NOT_HYPERPARAMETERS, FacelabModule
+from facelab.models.pretrained import ModelKind, frozen, load_model, locate, register
 
 KINDS = ("per_t", "conditioned")
 DIRECTIONS = ("free", "class_means")
@@ -147,48 +148,58 @@ def save_hclassifier(net: HNet, folder: str | Path, accuracy: dict | None = None
 
 def find_hclassifier(source: str | Path) -> Path | None:
     """The h-classifier a source names: a .ckpt, an exported folder, a model folder or zoo name holding `hclf/`."""
-    from facelab.models.pretrained import ZOO_DIR
-
-    path = Path(str(source)).expanduser()
-    if path.suffix == ".ckpt" and path.is_file():
-        return path
-    for folder in (path, path / "hclf", ZOO_DIR / str(source) / "hclf"):
-        if (folder / "config.json").is_file() and (folder / "model.safetensors").is_file():
-            return folder
-    return None
+    found = locate("hclassifier", source)
+    if found is None or (found[0] == "checkpoint" and not found[1].is_file()):
+        return None
+    return found[1]
 
 
 def load_hclassifier(source: str | Path, device: str | torch.device = "cpu") -> HNet:
     """An HNet in eval mode from an exported folder, a model folder / zoo name with `hclf/`, or a .ckpt (never
     unpickled)."""
-    from facelab.io.checkpoints import load_checkpoint
+    return load_model("hclassifier", source, device)
 
-    path = find_hclassifier(source)
-    if path is None:
-        raise InputError(f"h-classifier {source}: not found (an exported hclf/ folder, a .ckpt, or a model folder or "
-                         "zoo name holding hclf/); make one: `python -m facelab.sample method=hextract "
-                         "method.out=DIR`, then `python -m facelab.train +experiment=hclf_gender data.dataset.path=DIR`")
-    if path.suffix == ".ckpt":
-        ckpt = load_checkpoint(path)
-        if "hspace_meta" not in ckpt or "hclf_config" not in ckpt:
-            raise InputError(f"{path}: not an h-classifier checkpoint")
-        config, meta = ckpt["hclf_config"], ckpt["hspace_meta"]
-        state = {k[4:]: v for k, v in ckpt["state_dict"].items() if k.startswith("net.")}
-        directions = (state["directions"], state["centre"]) if "directions" in state else None
-    else:
-        config = json.loads((path / "config.json").read_text())
-        if config.pop("_class_name", None) != "HNet":
-            raise InputError(f"{path}: not an h-classifier (config _class_name is not HNet)")
-        meta = config.pop("hspace", {})
-        config.pop("accuracy", None)
-        config.pop("direction", None)  # how the heads were trained; exported as plain linear heads either way
-        state, directions = load_file(path / "model.safetensors"), None
+
+def _holds(path: Path) -> Path | None:
+    """The exported h-classifier in `path`: the folder itself or its hclf/."""
+    return next((folder for folder in (path, path / "hclf")
+                 if (folder / "config.json").is_file() and (folder / "model.safetensors").is_file()), None)
+
+
+def _from_checkpoint(ckpt: dict, path: Path, source: str, device) -> HNet:
+    if "hspace_meta" not in ckpt or "hclf_config" not in ckpt:
+        raise InputError(f"{path}: not an h-classifier checkpoint")
+    state = {k[4:]: v for k, v in ckpt["state_dict"].items() if k.startswith("net.")}
+    directions = (state["directions"], state["centre"]) if "directions" in state else None
+    return _hnet(ckpt["hclf_config"], ckpt["hspace_meta"], state, directions, source, device)
+
+
+def _from_folder(folder: Path, source: str, device) -> HNet:
+    config = json.loads((folder / "config.json").read_text())
+    if config.pop("_class_name", None) != "HNet":
+        raise InputError(f"{folder}: not an h-classifier (config _class_name is not HNet)")
+    meta = config.pop("hspace", {})
+    config.pop("accuracy", None)
+    config.pop("direction", None)  # how the heads were trained; exported as plain linear heads either way
+    return _hnet(config, meta, load_file(folder / "model.safetensors"), None, source, device)
+
+
+def _hnet(config: dict, meta: dict, state: dict, directions, source: str, device) -> HNet:
     net = HNet(**config, meta=meta)
     if directions is not None:
         net.fix_directions(*directions)
     net.load_state_dict({k: v.float() for k, v in state.items()})
-    net.source = str(source)
-    return net.to(device).eval().requires_grad_(False)
+    net.source = source
+    return frozen(net, device)
+
+
+register(ModelKind(
+    "hclassifier", holds=_holds, in_zoo=lambda folder: _holds(folder / "hclf") is not None,
+    from_folder=_from_folder, from_checkpoint=_from_checkpoint,
+    not_found=lambda source: f"h-classifier {source}: not found (an exported hclf/ folder, a .ckpt, or a model folder "
+                             "or zoo name holding hclf/); make one: `python -m facelab.sample method=hextract "
+                             "method.out=DIR`, then `python -m facelab.train +experiment=hclf_gender "
+                             "data.dataset.path=DIR`"))
 
 
 class HClassifier(FacelabModule):

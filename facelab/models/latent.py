@@ -19,11 +19,9 @@ from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from torch import Tensor, nn
 
 from facelab.diffusion import Denoiser, Schedule
-from facelab.io.checkpoints import load_checkpoint
 from facelab.io.errors import InputError
-from facelab.models.components.conditions import build_condition_encoder, load_condition_encoder, \
-    save_condition_encoder
-from facelab.models.pretrained import ZOO_DIR, _digest
+from facelab.models.components.conditions import build_condition_encoder, load_condition_encoder, save_condition_encoder
+from facelab.models.pretrained import ModelKind, _digest, load_model, register, zoo
 from facelab.models.vae import load_vae, vae_from_checkpoint
 
 META = "latent_model.json"
@@ -111,25 +109,9 @@ class LatentModel(nn.Module):
         return folder
 
 
-def zoo_latent_models() -> list[str]:
-    return sorted(p.name for p in ZOO_DIR.iterdir() if (p / META).is_file()) if ZOO_DIR.is_dir() else []
-
-
 def load_latent_model(source: str | Path, device: str | torch.device = "cpu") -> LatentModel:
     """A LatentModel from a zoo name, an exported folder, or a LatentDDPM Lightning .ckpt (its EMA weights)."""
-    name = str(source)
-    path = Path(name).expanduser()
-    if name in zoo_latent_models():
-        model = _from_folder(ZOO_DIR / name)
-    elif path.suffix == ".ckpt" and path.is_file():
-        model = _from_checkpoint(path)
-    elif (path / META).is_file():
-        model = _from_folder(path)
-    else:
-        raise InputError(f"latent model {name}: not found; expected a zoo latent model "
-                         f"({', '.join(zoo_latent_models()) or 'none built'}), an exported folder with {META} "
-                         "(vae/, unet/, scheduler/, condition/), or a LatentDDPM .ckpt")
-    return model.to(device)
+    return load_model("latent", source, device)
 
 
 def _from_folder(folder: Path) -> LatentModel:
@@ -149,8 +131,7 @@ def _from_folder(folder: Path) -> LatentModel:
     return model
 
 
-def _from_checkpoint(path: Path) -> LatentModel:
-    ckpt = load_checkpoint(path)
+def _from_checkpoint(ckpt: dict, path: Path) -> LatentModel:
     hparams = ckpt.get("hyper_parameters", {})
     if not {"unet", "scheduler", "condition"} <= hparams.keys():
         raise InputError(f"{path}: not a LatentDDPM checkpoint (no unet/scheduler/condition hyper-parameters)")
@@ -169,3 +150,12 @@ def _from_checkpoint(path: Path) -> LatentModel:
     encoder.load_state_dict(part("ema.module.encoder.", "encoder."))
     return LatentModel(vae_from_checkpoint(ckpt, path), unet, Schedule.from_config(hparams["scheduler"]), encoder,
                        source=str(path))
+
+
+register(ModelKind(
+    "latent", holds=lambda path: path if (path / META).is_file() else None,
+    from_folder=lambda folder, source, device: _from_folder(folder).to(device),
+    from_checkpoint=lambda ckpt, path, source, device: _from_checkpoint(ckpt, path).to(device),
+    not_found=lambda source: f"latent model {source}: not found; expected a zoo latent model "
+                             f"({', '.join(zoo('latent')) or 'none built'}), an exported folder with {META} "
+                             "(vae/, unet/, scheduler/, condition/), or a LatentDDPM .ckpt"))

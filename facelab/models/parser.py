@@ -22,6 +22,7 @@ from facelab.io.errors import InputError
 from facelab.metrics.parsing import confusion_matrix, scores
 from facelab.models.base import DEFAULT, NOT_HYPERPARAMETERS, FacelabModule, one_cycle
 from facelab.models.components.segnet import SegNet
+from facelab.models.pretrained import load_model, plain_model_kind, register
 
 
 class ParserNet(SegNet):
@@ -133,9 +134,11 @@ def class_weights(masks: Tensor, num_classes: int, power: float) -> Tensor:
 
 def load_parser(source: str | Path, device: str | torch.device = "cpu") -> ParserNet:
     """A ParserNet in eval mode from a zoo name, an exported folder or a Lightning .ckpt (never unpickled)."""
-    from facelab.models.pretrained import load_plain_model
+    return load_model("parser", source, device)
 
-    def build(config: dict) -> ParserNet:
-        return ParserNet(tuple(config["channels"]), config["image_size"], config.get("classes"))
 
-    return load_plain_model(source, "face parser", "ParserNet", "class_weight_power", build, ("data_identity",), device)
+def _build(config: dict) -> ParserNet:
+    return ParserNet(tuple(config["channels"]), config["image_size"], config.get("classes"))
+
+
+register(plain_model_kind("parser", "face parser", "ParserNet", "class_weight_power", _build, ("data_identity",)))

@@ -10,10 +10,9 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL
 from torch import Tensor, nn
 
-from facelab.io.checkpoints import load_checkpoint
 from facelab.io.errors import InputError
 from facelab.models.base import DEFAULT, NOT_HYPERPARAMETERS, FacelabModule
-from facelab.models.pretrained import ZOO_DIR
+from facelab.models.pretrained import ModelKind, frozen, load_model, register, zoo
 
 
 class PatchDiscriminator(nn.Module):
@@ -162,27 +161,15 @@ def vae_config(vae: AutoencoderKL) -> dict:
     return json.loads(json.dumps({k: v for k, v in vae.config.items() if not k.startswith("_")}))
 
 
-def zoo_vaes() -> list[str]:
-    return sorted(p.name for p in ZOO_DIR.iterdir() if (p / "vae").is_dir()) if ZOO_DIR.is_dir() else []
-
-
 def load_vae(source: str | Path, device: str | torch.device = "cpu") -> AutoencoderKL:
     """A frozen AutoencoderKL in eval mode from a zoo name, a diffusers folder (the vae folder itself or one holding
     vae/), or a checkpoint of a facelab VAE or latent DDPM. Its config must carry a scaling_factor."""
-    source = str(source)
-    path = Path(source).expanduser()
-    if source in zoo_vaes():
-        vae = _from_folder(ZOO_DIR / source / "vae")
-    elif path.suffix == ".ckpt" and path.is_file():
-        vae = vae_from_checkpoint(load_checkpoint(path), path)
-    elif (path / "vae" / "config.json").is_file():
-        vae = _from_folder(path / "vae")
-    elif (path / "config.json").is_file():
-        vae = _from_folder(path)
-    else:
-        raise InputError(f"VAE {source}: not found; expected a zoo VAE ({', '.join(zoo_vaes()) or 'none built'}), a "
-                         "diffusers AutoencoderKL folder (or a folder holding vae/), or a facelab VAE/LDM .ckpt")
-    return vae.to(device).eval().requires_grad_(False)
+    return load_model("vae", source, device)
+
+
+def _holds(path: Path) -> Path | None:
+    """The AutoencoderKL folder in `path`: its vae/ sub-folder or the folder itself."""
+    return next((folder for folder in (path / "vae", path) if (folder / "config.json").is_file()), None)
 
 
 def _from_folder(folder: Path) -> AutoencoderKL:
@@ -202,3 +189,11 @@ def vae_from_checkpoint(ckpt: dict, path: str | Path) -> AutoencoderKL:
     vae = AutoencoderKL.from_config(ckpt["vae_config"])
     vae.load_state_dict({k[4:]: v for k, v in ckpt["state_dict"].items() if k.startswith("vae.")})
     return vae
+
+
+register(ModelKind(
+    "vae", holds=_holds, in_zoo=lambda folder: (folder / "vae").is_dir(),
+    from_folder=lambda folder, source, device: frozen(_from_folder(folder), device),
+    from_checkpoint=lambda ckpt, path, source, device: frozen(vae_from_checkpoint(ckpt, path), device),
+    not_found=lambda source: f"VAE {source}: not found; expected a zoo VAE ({', '.join(zoo('vae')) or 'none built'}), "
+                             "a diffusers AutoencoderKL folder (or a folder holding vae/), or a facelab VAE/LDM .ckpt"))
