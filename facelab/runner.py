@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from facelab.diffusion import Sampler, sample
+from facelab.diffusion.loop import WATCH
 from facelab.io.errors import InputError
 from facelab.io.gallery import Gallery
 from facelab.io.grids import save_grid
@@ -163,9 +164,11 @@ def run_method(cfg: DictConfig, out: Path) -> dict:
     config_text = OmegaConf.to_yaml(cfg, resolve=True)
     (out / "config.yaml").write_text(config_text)
     runner = Runner(cfg, out)
+    watching = WATCH.set(bool(cfg.get("check_finite", True)))
     try:
         metrics = instantiate({"_target_": cfg.method._target_, "_partial_": True})(cfg, runner)
     finally:
+        WATCH.reset(watching)
         runner.close()
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     runner.gallery.write(metrics, config_text)

@@ -45,8 +45,8 @@ def run_train(cfg: DictConfig) -> dict[str, float]:
     trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
                                       plugins=launcher_plugins())
     if trainer.world_size > 1 and in_sweep() and not trainer.strategy.cluster_environment.creates_processes_externally:
-        raise InputError(f"trainer.devices={cfg.trainer.devices} in a multirun needs a launcher that starts one process "
-                         "per device: add hydra/launcher=submitit_local (or slurm)")
+        raise InputError(f"trainer.devices={cfg.trainer.devices} in a multirun needs a launcher that starts one "
+                         "process per device: add hydra/launcher=submitit_local (or slurm)")
     for logger in loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     checkpoints = OmegaConf.select(cfg, "callbacks.model_checkpoint.dirpath")
@@ -54,7 +54,7 @@ def run_train(cfg: DictConfig) -> dict[str, float]:
     trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     metrics_file = out / "metrics.json"
-    if not metrics and metrics_file.is_file():  # resumed a finished run (a late requeue, a re-run sweep): keep its record
+    if not metrics and metrics_file.is_file():  # resumed a finished run (late requeue, re-run sweep): keep its record
         metrics = json.loads(metrics_file.read_text())
     for logger in loggers:
         if isinstance(logger, WandbLogger):  # finish the run so the next job (multirun) starts its own

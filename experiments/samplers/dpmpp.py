@@ -75,12 +75,14 @@ def debias(runs: Path, n: int) -> list[dict]:
 
 def cyclediff(runs: Path, n: int) -> list[dict]:
     base = ["method=cyclediff", "attribute=Eyeglasses", f"num_samples={n}", f"batch_size={n}", "progress=false"]
+    # calls: network calls of one edit run (the batch holds every face, so each face goes through all of them)
     rows = []
     for name, overrides in cells(base).items():
         metrics = run_cell(runs / slug(name), overrides)
         edit = metrics["edits"]["Eyeglasses"]
-        rows.append({"cell": name, "steps": metrics["steps"], "calls": edit["network_calls"] / n,
-                     "flip_rate": edit["flip_rate"], "preservation": edit["preservation"], "psnr": edit["psnr_input"],
+        rows.append({"cell": name, "steps": metrics["steps"], "calls": edit["network_calls"],
+                     "flip_rate": edit["flip_rate"], "preservation": edit["preservation"],
+                     "psnr_to_counterfactual": edit["psnr"],
                      "seconds_per_edit": edit["seconds_per_edit"]})
         print(rows[-1], flush=True)
     return rows
@@ -93,11 +95,11 @@ def write(results: dict) -> None:
     (HERE / "results.json").write_text(json.dumps(results, indent=1))
     lines = ["# DPM-Solver++(2M) against each method's default sampler", "",
              "`python experiments/samplers/dpmpp.py` (CPU). Network calls are per image and sampling run.", ""]
-    for part, rows in results.items():
-        if part == "settings":
-            continue
+    for part, result in results.items():
+        rows = result["rows"]
         keys = [k for k in rows[0] if k != "cell"]
-        lines += [f"## {part}", "", "| sampler | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
+        lines += [f"## {part} ({result['images']} images)", "", "| sampler | " + " | ".join(keys) + " |",
+                  "|---" * (len(keys) + 1) + "|"]
         lines += ["| " + r["cell"] + " | " + " | ".join(f"{r[k]:.3g}" if isinstance(r[k], float) else str(r[k])
                                                       for k in keys) + " |" for r in rows]
         lines.append("")
@@ -111,9 +113,9 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     results = json.loads((HERE / "results.json").read_text()) if (HERE / "results.json").is_file() else {}
-    results["settings"] = {"images": args.images}
     for part in args.parts:
-        results[part] = PARTS[part](ROOT / "outputs" / "experiments" / "samplers" / part, args.images)
+        results[part] = {"images": args.images, "rows": PARTS[part](ROOT / "outputs" / "experiments" / "samplers" / f"{part}_{args.images}",
+                                    args.images)}
         write(results)
 
 

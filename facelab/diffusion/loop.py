@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,6 +33,7 @@ from .schedule import Schedule, step_pairs
 
 RUNAWAY = 1e4      # |x| beyond this is a diverged run (pixels and latents live within a few units)
 CHECK_EVERY = 10  # steps between the (synchronising) reads of the device-side flag
+WATCH = ContextVar("facelab_watch", default=True)  # off for studies of presets known to diverge (check_finite=false)
 
 
 class NonFiniteError(InputError):
@@ -159,7 +161,7 @@ def sample(model: Callable, schedule: Schedule, x: Tensor, timesteps: Sequence[i
 
     state = State(x=x, cond=cond, generator=generator, model=model, schedule=schedule, sampler=sampler)
     memory: dict = {}
-    watch = FiniteWatch()
+    watch = FiniteWatch() if WATCH.get() else None
     i = 0
     with torch.no_grad():
         for t, s, reverse in tqdm(pairs, desc=f"{sampler.name} sampling", disable=not progress, leave=False):
@@ -193,9 +195,11 @@ def sample(model: Callable, schedule: Schedule, x: Tensor, timesteps: Sequence[i
                 fn(state)
             if callback is not None:
                 callback(state)
-            watch.update(state.x, i, t)
             i += 1
-            if i % CHECK_EVERY == 0:
-                watch.check()
-    watch.check()
+            if watch is not None:
+                watch.update(state.x, i - 1, t)
+                if i % CHECK_EVERY == 0:
+                    watch.check()
+    if watch is not None:
+        watch.check()
     return state.x

@@ -3,7 +3,7 @@
 `GradientGuidance` (hook point 3, after the loop's network call) is the scaffolding of every classifier-style term
 (CycleDiff, the image-space debiasing baseline, attribute guidance). With x = x_t a fresh leaf under enable_grad:
   ε_g     = ε_θ(x, t, cond): one differentiable network call, or the loop's ε held fixed when `through_model` is
-            False (no backpropagation through the network: ∂x̂0/∂x_t = 1/√ᾱ_t);
+            False (no backpropagation through the network: ∂x̂0/∂x_t = 1/√ᾱ_t; `through(state)` may decide per step);
   x̂0      = x̂0(x, ε_g); `images` = x̂0 decoded by `state.model.decode` (a latent model) or x̂0 itself;
   L       = the term's loss (`loss`, per image [B] or already summed; summed over the batch, so each image gets its
             own loss's gradient whatever the batch size), g = ∇_x L;
@@ -62,7 +62,8 @@ class Context:
 
 class GradientGuidance(Guidance):
     """ε ← ε + c·∇_{x_t} L at hook point 3 (module docstring). Subclasses define `loss(ctx)` (or `gradient(ctx)` for
-    more than one backward pass) and may restrict the steps (`active`) or the factor c (`eps_scale`)."""
+    more than one backward pass) and may restrict the steps (`active`), the network call (`through`) or the factor c
+    (`eps_scale`)."""
 
     through_model: bool = True
 
@@ -76,6 +77,10 @@ class GradientGuidance(Guidance):
         grad, = torch.autograd.grad(self.loss(ctx).sum(), ctx.x)
         return grad
 
+    def through(self, state: State) -> bool:
+        """Whether this step's x̂0 comes from a differentiable network call (else from the loop's ε, held fixed)."""
+        return self.through_model
+
     def eps_scale(self, state: State) -> float:
         return state.sampler.eps_scale(state.schedule, state.t, state.s)
 
@@ -84,7 +89,7 @@ class GradientGuidance(Guidance):
             return
         with torch.enable_grad():
             x = state.x_t.detach().requires_grad_(True)
-            grad = self.gradient(Context(state, x, None if self.through_model else state.eps.detach()))
+            grad = self.gradient(Context(state, x, None if self.through(state) else state.eps.detach()))
         state.eps = state.eps + self.eps_scale(state) * grad
 
 

@@ -33,6 +33,7 @@ from facelab.diffusion import Guidance, State
 from facelab.guidance.base import Context, GradientGuidance
 from facelab.io.errors import InputError
 from facelab.io.images import resize_images
+from facelab.models.classifier import load_classifier
 from facelab.models.hclassifier import LOOKUPS, HNet, load_hclassifier
 
 MODES = ("vanilla", "sample", "distribution")
@@ -299,8 +300,6 @@ class ImageDebias(GradientGuidance):
         if mode == "vanilla":
             raise InputError("the image-space baseline guides: use mode=sample or mode=distribution")
         if isinstance(classifier, (str, Path)):
-            from facelab.models.classifier import load_classifier
-
             classifier = load_classifier(classifier)
         self.classifier = classifier
         self.temperature = float(DEFAULT_TEMPERATURE.get(mode, 1.0) if temperature is None else temperature)

@@ -9,13 +9,20 @@ Strength. Each blend multiplies the free deviation x − √ᾱ_t·y by r(m) = (
 at every step (the reference: its strength depends on the step count). With "per_time" m is a strength per
 `reference_step` (Δt_ref = 4 training steps, the reference's 250-step grid) and a step of Δt applies
 m_Δt = M((Δt/Δt_ref)·ℓ(m)), M the inverse of ℓ, so equal diffusion time gives equal conditioning at any step count.
+
+`FuzzyImages` is the blend as a config-built term for any pixel-space method (conf/guidance/fuzzy.yaml): its inputs y
+are read by the term itself (an image folder, or the held-out synthetic faces), one per sample, with one keep weight
+everywhere (method=fuzzy's mode=replace).
 """
 from __future__ import annotations
+
+from pathlib import Path
 
 import torch
 from torch import Tensor
 
 from facelab.diffusion import Guidance, State, randn_like
+from facelab.io.errors import InputError
 
 STRENGTHS = ("per_time", "per_step")
 
@@ -58,6 +65,8 @@ class FuzzyBlend(Guidance):
     `applied` maps each step size Δt seen to the per-step weight used for it.
     """
 
+    needs = ("pixels",)
+
     def __init__(self, y: Tensor, m: Tensor, strength: str = "per_time", renormalize: bool = True,
                  final_composite: bool = False, reference_step: float = 4.0):
         if strength not in STRENGTHS:
@@ -84,3 +93,60 @@ class FuzzyBlend(Guidance):
     def after_update(self, state: State) -> None:
         if self.final_composite and state.s < 0:
             state.x = torch.where(self.m == 1, self.y, state.x)
+
+
+class FuzzyImages(FuzzyBlend):
+    """The fuzzy blend toward images the term reads itself: `images` a folder of .png/.jpg at the model's resolution
+    (sorted by name, taken in turn and wrapped around), or null for the held-out synthetic faces (`faces`: seed and
+    first index, disjoint from the zoo models' training faces); keep weight m = `mask_s` everywhere. Sample k of a
+    run (counting over its batches) is tied to input k. strength: per_time | per_step | auto (per_step with
+    sampler=repaint, else per_time). `names` lists the inputs used, in sample order."""
+
+    def __init__(self, images: str | Path | None = None, mask_s: float = 0.07, strength: str = "auto",
+                 renormalize: bool = True, final_composite: bool = False, reference_step: float = 4.0,
+                 faces: dict | None = None):
+        if not 0 <= float(mask_s) <= 1:
+            raise InputError(f"guidance.fuzzy.mask_s={mask_s}: must lie in [0, 1]")
+        if strength not in (*STRENGTHS, "auto"):
+            raise InputError(f"guidance.fuzzy.strength={strength!r}: use auto, {', '.join(STRENGTHS)}")
+        if images is not None and not Path(images).is_dir():
+            raise InputError(f"guidance.fuzzy.images={images}: no such folder (null: the held-out synthetic faces)")
+        m = torch.full((1, 1, 1, 1), float(mask_s))
+        super().__init__(m, m, "per_time" if strength == "auto" else strength, renormalize, final_composite,
+                         reference_step)
+        self.auto, self.folder = strength == "auto", images
+        self.faces = {"seed": 0, "start": 900000, **dict(faces or {})}
+        self.pool: Tensor | None = None  # the folder's images
+        self.pool_names: list[str] = []
+        self.names: list[str] = []
+
+    def inputs(self, n: int, shape: tuple[int, ...], device) -> Tensor:
+        """The next n inputs [n, C, H, W] for samples of `shape` [C, H, W]."""
+        channels, size = shape[0], shape[-1]
+        if channels != 3 or shape[-2] != size:
+            raise InputError(f"guidance=[fuzzy] blends RGB images; this model samples x of shape {list(shape)} "
+                             "(a latent model?): use a pixel-space model")
+        first = len(self.names)
+        if self.folder is None:
+            from facelab.data.synthetic import SyntheticFaces
+
+            faces = SyntheticFaces(size, first + n, int(self.faces["seed"]), start=int(self.faces["start"]))
+            items = [faces[i] for i in range(first, first + n)]
+            self.names += [f"face{item['name']}" for item in items]
+            return torch.stack([item["image"] for item in items]).to(device)
+        if self.pool is None:
+            from facelab.io.images import read_image_folder
+
+            self.pool_names, self.pool = read_image_folder(self.folder, size)
+        index = [(first + k) % len(self.pool) for k in range(n)]
+        self.names += [self.pool_names[i] for i in index]
+        return self.pool[index].to(device)
+
+    def before_model(self, state: State) -> None:
+        if state.i == 0:  # a new batch: its inputs
+            self.y = self.inputs(len(state.x), tuple(state.x.shape[1:]), state.x.device).to(state.x.dtype)
+            self.m = self.m.to(self.y)
+            self.applied.clear()
+            if self.auto:
+                self.strength = "per_step" if getattr(state.sampler, "name", "") == "repaint" else "per_time"
+        super().before_model(state)

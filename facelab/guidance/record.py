@@ -12,6 +12,8 @@ class RecordTrajectory(Guidance):
     A new run (step index 0) starts a fresh record; `frames` is a list of (t, x_t, x̂0) on the CPU.
     """
 
+    needs = ("frames",)  # the method writes them (method=generate: trajectory.png)
+
     def __init__(self, every: int = 10, num_images: int = 4):
         self.every, self.num_images = every, num_images
         self.frames: list[tuple[int, torch.Tensor, torch.Tensor]] = []

@@ -29,11 +29,12 @@ from torch import Tensor
 from facelab.data.synthetic import SEG_CLASSES
 from facelab.diffusion import RePaint, sample
 from facelab.diffusion.collab import CollaborativeDenoiser, Reweight
+from facelab.guidance.base import refuse_guidance
 from facelab.io.checkpoints import load_checkpoint
 from facelab.io.errors import InputError
 from facelab.io.grids import image_grid
 from facelab.io.images import colorize_mask, read_mask, resize_mask, save_image, save_mask
-from facelab.methods.common import build_sampler, clock, device_of, generator
+from facelab.methods.common import build_sampler, clock, device_of, generator, guidance_terms
 from facelab.models.codiff import ldm_timesteps, load_collaborative, load_stage
 from facelab.models.latent import load_latent_model
 from facelab.runner import Runner
@@ -44,10 +45,15 @@ DEFAULT_MASK, DEFAULT_TEXT = ASSETS / "900001.png", ASSETS / "900001.txt"
 FILE_NAMES = {"mask": "seg_mask"}  # modality -> the reference's name in {idx}_<name>_influence_function.png
 NROW = 10                           # tiles per row of the per-step grids, as the reference
 START_STREAM, NOISE_STREAM, REWEIGHT_STREAM = 0, 1, 2
+# guidance=[...]: why terms that need one of these (facelab.guidance.base) are refused; the others join the sampling
+REFUSED = {"h_space": "its denoiser mixes several latent UNets' ε, so there is no single h-space to edit",
+           "pixels": "it samples latents, not images",
+           "frames": "it writes no trajectory.png (display_x_inter=true saves every step)"}
 
 
 def run(cfg: DictConfig, runner: Runner) -> dict:
     """method=codiff: the collaborative sampler of model.pretrained under (mask, text)."""
+    refuse_guidance(cfg, "method=codiff", REFUSED)
     out, gallery = runner.out, runner.gallery
     collab = load_collaborative(cfg.model.pretrained, device_of(cfg), Reweight.from_options(cfg.collab),
                                 cfg_scales(cfg))
@@ -56,6 +62,7 @@ def run(cfg: DictConfig, runner: Runner) -> dict:
 
 def run_ldm(cfg: DictConfig, runner: Runner) -> dict:
     """method=ldm: one uni-modal latent model, method.model or the one whose input is given."""
+    refuse_guidance(cfg, "method=ldm", REFUSED)
     out, gallery = runner.out, runner.gallery
     device = device_of(cfg)
     if cfg.method.model is not None:
@@ -174,7 +181,7 @@ def run_batches(cfg: DictConfig, collab: CollaborativeDenoiser, inputs: Inputs, 
                          "ddpm or dpmpp_2m")
     if cfg.num_samples < 1 or cfg.batch_size < 1:
         raise InputError(f"num_samples={cfg.num_samples}, batch_size={cfg.batch_size}: both must be at least 1")
-    schedule, shape = collab.schedule, collab.models[0].latent_shape
+    schedule, shape, terms = collab.schedule, collab.models[0].latent_shape, guidance_terms(cfg)
     if cfg.method.ldm_grid:
         grid, final = ldm_timesteps(schedule, sampler.steps), 0
     else:
@@ -197,7 +204,7 @@ def run_batches(cfg: DictConfig, collab: CollaborativeDenoiser, inputs: Inputs, 
 
         collab.records.clear()
         start = clock(device)
-        z0 = sample(collab, schedule, z, grid, sampler=sampler, generator=noise_gen,
+        z0 = sample(collab, schedule, z, grid, sampler=sampler, guidance=terms, generator=noise_gen,
                     cond=collab.conditions(values, n), final=final, progress=cfg.progress,
                     callback=keep if cfg.display_x_inter else None)
         images.append(collab.decode(z0).cpu())

@@ -17,20 +17,18 @@ fractions of every evaluated attribute; the Fréchet distance to real synthetic 
 from __future__ import annotations
 
 import csv
-import time
 from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from facelab.data.synthetic import SyntheticFaces
 from facelab.guidance.debias import DEFAULT_TARGET, MODES, HSpaceDebias, ImageDebias, target_distributions
 from facelab.io.errors import InputError
 from facelab.io.grids import save_grid
 from facelab.io.images import resize_images, save_image
-from facelab.methods.common import build_sampler, device_of, generator, guidance_terms, run_sampler
+from facelab.methods.common import build_sampler, guidance_terms
 from facelab.metrics.attributes import class_fractions, fairness_discrepancy, feature_frechet
 from facelab.models.classifier import AttributeNet, load_classifier
 from facelab.models.hclassifier import find_hclassifier, load_hclassifier
@@ -50,7 +48,7 @@ def run(cfg: DictConfig, runner: Runner) -> dict:
     others = guidance_terms(cfg)
     if any(isinstance(term, (HSpaceDebias, ImageDebias)) for term in others):
         raise InputError("method=debias already guides: drop guidance=[debias]")
-    device = device_of(cfg)
+    device = runner.device
     denoiser = load_denoiser(cfg.model.pretrained, device)
     evaluator = load_classifier(opts.eval_classifier, device) if opts.eval_classifier else None
     term = guidance_term(cfg, mode, target, denoiser, sampler, device)
@@ -66,13 +64,16 @@ def run(cfg: DictConfig, runner: Runner) -> dict:
                 raise InputError(f"target.{name}: the evaluation classifier {opts.eval_classifier} has no "
                                  f"{len(r)}-class head {name} (it predicts {evaluator.heads})")
 
-    images, adp, seconds = sample_batches(cfg, denoiser, sampler, term, others, device)
+    calls = runner.count_calls(denoiser.unet)
+    images, adp, seconds = sample_batches(cfg, runner, denoiser, sampler, term, others)
     evaluation = evaluate(evaluator, images, cfg.batch_size) if evaluator is not None else {}
     write_outputs(out, gallery, images, cfg.batch_size, adp, evaluation, term)
 
     metrics = {"mode": mode, "universal_guidance": bool(opts.universal_guidance), "num_samples": len(images),
-               "sampler": sampler.name, "steps": sampler.steps, "eta": getattr(sampler, "eta", None), "seconds": seconds,
+               "sampler": sampler.name, "steps": sampler.steps, "eta": getattr(sampler, "eta", None),
+               "seconds": seconds,
                "seconds_per_image": seconds / len(images), "eval_classifier": opts.eval_classifier,
+               "network_calls_per_image": calls.count / -(-cfg.num_samples // cfg.batch_size),
                "target": {name: r.tolist() for name, r in targets.items()}, "attributes": {}}
     for name, r in targets.items():
         entry = {"target": r.tolist()}
@@ -116,21 +117,20 @@ def guidance_term(cfg: DictConfig, mode: str, target: dict, denoiser, sampler, d
     return term
 
 
-def sample_batches(cfg: DictConfig, denoiser, sampler, term, others: list, device: torch.device):
+def sample_batches(cfg: DictConfig, runner: Runner, denoiser, sampler, term, others: list):
     """(images [M, 3, H, W] on the CPU, final h-classifier labels {attribute: [M]}, sampling seconds)."""
     unet = denoiser.unet.config
-    gen = generator(cfg.seed, device)
+    gen = runner.generator("sampling")
     terms = ([term] if term is not None else []) + others
     images, adp = [], {}
-    start = time.perf_counter()
-    for first in tqdm(range(0, cfg.num_samples, cfg.batch_size), desc="batches", disable=not cfg.progress):
-        n = min(cfg.batch_size, cfg.num_samples - first)
-        x_T = torch.randn(n, unet.in_channels, unet.sample_size, unet.sample_size, generator=gen, device=device)
-        images.append(run_sampler(denoiser, x_T, sampler, gen, terms, progress=cfg.progress).cpu())
+    for first, n in runner.batches(cfg.num_samples):
+        with runner.timed("sampling"):
+            x_T = torch.randn(n, unet.in_channels, unet.sample_size, unet.sample_size, generator=gen,
+                              device=runner.device)
+            images.append(runner.sample(denoiser, x_T, sampler, terms, gen).cpu())
         for name, probs in (term.last.items() if isinstance(term, HSpaceDebias) else ()):
             adp.setdefault(name, []).append(probs.argmax(1).cpu())
-    seconds = time.perf_counter() - start
-    return torch.cat(images), {name: torch.cat(labels) for name, labels in adp.items()}, seconds
+    return torch.cat(images), {name: torch.cat(labels) for name, labels in adp.items()}, runner.seconds["sampling"]
 
 
 @torch.no_grad()

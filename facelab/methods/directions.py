@@ -30,6 +30,7 @@ from facelab.diffusion import Denoiser, ddim_invert, edit_friendly_invert
 from facelab.directions import discover as maths
 from facelab.directions.files import Directions
 from facelab.directions.trajectory import run_trajectory, seed_noise
+from facelab.guidance.base import refuse_guidance
 from facelab.guidance.hedit import HEdit
 from facelab.io.errors import InputError
 from facelab.io.grids import save_grid
@@ -54,6 +55,8 @@ NATURAL_SCALES = {"pca": [-5, -2.5, 0, 2.5, 5], "jacobian": [-1500, -750, 0, 750
 
 def run(cfg: DictConfig, runner: Runner) -> dict:
     out, gallery = runner.out, runner.gallery
+    refuse_guidance(cfg, "method=directions", "it decodes every face with and without its directions from the same "
+                    "x_T and noise, unguided (guidance=[hedit] applies a direction file in method=generate)")
     opts = cfg.method
     if cfg.discover not in (None, *DISCOVER):
         raise InputError(f"discover={cfg.discover}: use one of {', '.join(DISCOVER)}")

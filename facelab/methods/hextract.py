@@ -37,6 +37,7 @@ from facelab.data.layouts import ClassFolders
 from facelab.data.synthetic import ATTRIBUTES, SyntheticFaces
 from facelab.diffusion import ddim_invert, hspace
 from facelab.diffusion.hspace import WHERE
+from facelab.guidance.base import refuse_guidance
 from facelab.io.errors import InputError
 from facelab.io.grids import save_grid
 from facelab.io.images import resize_images
@@ -53,6 +54,8 @@ CATEGORICAL = {"skin_tone": 3}  # the synthetic faces' categorical groups (K cla
 
 def run(cfg: DictConfig, runner: Runner) -> dict:
     out, gallery = runner.out, runner.gallery
+    refuse_guidance(cfg, "method=hextract", "it records h along unguided inversions and trajectories, the "
+                    "h-classifier's training data")
     opts = cfg.method
     if opts.source not in SOURCES:
         raise InputError(f"method.source={opts.source!r}: use one of {', '.join(SOURCES)}")
