@@ -50,7 +50,8 @@ def hydra_value(value) -> str:
         return repr(value)
     if isinstance(value, (str, Path)):
         text = str(value)
-        return text if text and all(c.isalnum() or c in "._/-:+" for c in text) else "'" + text.replace("'", "\\'") + "'"
+        plain = text and all(c.isalnum() or c in "._/-:+" for c in text)
+        return text if plain else "'" + text.replace("'", "\\'") + "'"
     if isinstance(value, Mapping):
         return "{" + ", ".join(f"{k}: {hydra_value(v)}" for k, v in value.items()) + "}"
     if isinstance(value, Sequence):

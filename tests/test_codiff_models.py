@@ -11,8 +11,13 @@ from conftest import compose, run_cli
 from facelab.io.checkpoints import load_checkpoint
 from facelab.io.errors import InputError
 from facelab.io.images import resize_mask
-from facelab.models.components.conditions import (MaskEncoder, PretrainedTextEncoder, TextEncoder,
-                                                  load_condition_encoder, save_condition_encoder)
+from facelab.models.components.conditions import (
+    MaskEncoder,
+    PretrainedTextEncoder,
+    TextEncoder,
+    load_condition_encoder,
+    save_condition_encoder,
+)
 from facelab.models.latent import LatentModel, load_latent_model
 from facelab.models.vae import load_vae
 from facelab.train import run_train

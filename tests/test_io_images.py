@@ -130,8 +130,8 @@ def test_colorize_mask_uses_palette_and_checks_range(face):
 
 
 def test_keep_mask_bit_depths(tmp_path):
-    from PIL import Image
     import numpy as np
+    from PIL import Image
 
     grey16 = tmp_path / "m16.png"
     Image.fromarray(np.full((4, 4), 32768, np.uint16)).save(grey16)

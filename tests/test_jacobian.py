@@ -2,12 +2,11 @@
 
 import pytest
 import torch
-from conftest import TINY_UNET
 from diffusers import UNet2DModel
 
+from conftest import TINY_UNET
 from facelab.diffusion import Denoiser, Schedule
-from facelab.directions.jacobian import (masked_eps_fn, power_iteration_reference, top_singular,
-                                         trajectory_jacobian)
+from facelab.directions.jacobian import masked_eps_fn, power_iteration_reference, top_singular, trajectory_jacobian
 
 K, T = 3, 500
 

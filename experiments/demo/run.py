@@ -6,9 +6,9 @@ Each showcase is an ordinary `python -m facelab.sample ...` command line; a meth
 from __future__ import annotations
 
 import html
-import shutil
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time

@@ -27,10 +27,10 @@ from pathlib import Path
 import torch
 
 from facelab.data.synthetic import SEG, SyntheticFaces
+from facelab.diffusion import edit_friendly_invert
 from facelab.directions.files import Directions
 from facelab.directions.jacobian import masked_eps_fn, power_iteration_reference, top_singular
 from facelab.directions.trajectory import run_trajectory
-from facelab.diffusion import edit_friendly_invert
 from facelab.io.grids import save_grid
 from facelab.io.images import read_image
 from facelab.methods.directions import REGIONS

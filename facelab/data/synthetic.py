@@ -11,7 +11,7 @@ Determinism: a face depends only on (seed, index, RENDERER_VERSION) and the prio
 from __future__ import annotations
 
 import dataclasses
-from typing import Mapping
+from collections.abc import Mapping
 
 import numpy as np
 import torch
@@ -64,7 +64,7 @@ class Face:
     skin_tone: int
     identity: dict[str, float]
 
-    def with_attributes(self, **changes: int) -> "Face":
+    def with_attributes(self, **changes: int) -> Face:
         """The same identity with attributes changed (keeping the categorical groups consistent)."""
         unknown = set(changes) - set(ATTRIBUTES)
         if unknown:

@@ -136,7 +136,8 @@ def sample(model: Callable, schedule: Schedule, x: Tensor, timesteps: Sequence[i
            progress: bool = True, callback: Callable[[State], None] | None = None) -> Tensor:
     """Run `model` (any `eps = model(x_t, t, cond)`) from x at timesteps[0] down the sequence; return x_final.
 
-    sampler: the step rule (samplers.py; default DDIM with η = 0, x̂0 unclipped). timesteps: training times, decreasing except for
+    sampler: the step rule (samplers.py; default DDIM with η = 0, x̂0 unclipped). timesteps: training times, decreasing
+    except for
     RePaint jumps (default: the sampler's own); `final` (default −1: ᾱ = 1) is appended unless the sequence already
     ends with it. noises: per-reverse-step noise z (a list, entries may be None, or a stacked tensor) so that a
     re-decode follows a recorded trajectory; otherwise noise comes from `generator`. A learned_range DDPM reads

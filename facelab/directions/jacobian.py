@@ -170,7 +170,7 @@ def top_singular(f: Callable[[Tensor], Tensor], h0: Tensor, k: int = 3, tol: flo
     ts: list[Tensor] = []
     passes = 0
     converged = False
-    for it in range(1, max_iters + 1):
+    for it in range(1, max_iters + 1):  # noqa: B007 (the iteration count is reported after the loop)
         a = lin.jvp(q)  # J·Q
         b = lin.vjp(a)  # JᵀJ·Q
         passes += 2 * k

@@ -191,15 +191,16 @@ class RangeGuidance(CycleDiffGuidance):
         super().__init__({"range": (weight, range_loss)})
 
 
-SOURCE_TERMS = {  # CycleDiff's terms that compare with the source image: what method=cyclediff builds them from
-    "cycle": "method.cycle=origin|step and method.weights.cycle",
-    "feature": "method.weights.perceptual / method.weights.identity with method.networks.perceptual / .identity",
+SOURCE_TERMS = {  # CycleDiff's terms that compare with the source: (what they read, method=cyclediff's knobs for them)
+    "cycle": ("source image and attributes (x_src, y_src)", "method.cycle=origin|step and method.weights.cycle"),
+    "feature": ("source image (x_src)", "method.weights.perceptual / identity and method.networks.perceptual / "
+                "identity"),
 }
 
 
 def source_only(term: str):
-    """The config of a CycleDiff term that needs each batch's source images and attributes (x_src, y_src): refused
-    with one line everywhere, pointing at method=cyclediff's knobs (conf/guidance/cycle.yaml, feature.yaml)."""
-    raise InputError(f"guidance=[{term}]: this CycleDiff loss compares every edit with its source image and "
-                     f"attributes (x_src, y_src), which only method=cyclediff supplies; there it is built from "
-                     f"{SOURCE_TERMS.get(term, 'method.weights')}, not from guidance=[...]")
+    """The config of a CycleDiff term that needs each batch's source (conf/guidance/cycle.yaml, feature.yaml): refused
+    with one line everywhere, pointing at method=cyclediff's knobs."""
+    reads, knobs = SOURCE_TERMS[term]
+    raise InputError(f"guidance=[{term}]: this CycleDiff loss compares every edit with its {reads}, which only "
+                     f"method=cyclediff supplies; there it is built from {knobs}, not from guidance=[...]")

@@ -175,7 +175,8 @@ class Sampled:
     seconds: float = 0.0
 
 
-def run_batches(cfg: DictConfig, collab: CollaborativeDenoiser, inputs: Inputs, sampler, device: torch.device) -> Sampled:
+def run_batches(cfg: DictConfig, collab: CollaborativeDenoiser, inputs: Inputs, sampler,
+                device: torch.device) -> Sampled:
     if isinstance(sampler, RePaint):
         raise InputError(f"sampler=repaint resamples for inpainting: method={cfg.method.name} takes sampler=ddim, "
                          "ddpm or dpmpp_2m")

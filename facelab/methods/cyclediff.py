@@ -322,7 +322,7 @@ def edit_faces(cfg: DictConfig, denoiser: Denoiser, sampler: Sampler, grid: list
             x_T, noises = start_point(cfg, denoiser, sampler, grid, x_src, y_src, key)
             result.start_seconds += clock(device) - start
             trajectory = [] if opts.cycle == "step" and opts.start in ("ddim_inversion", "edit_friendly") else None
-            record = None if trajectory is None else lambda state: trajectory.append(state.x)
+            record = None if trajectory is None else lambda state, path=trajectory: path.append(state.x)
             result.decoded.append(sample(denoiser, denoiser.schedule, x_T, grid, cond=y_src, noises=noises,
                                          callback=record, **sampling).cpu())
             for name, flips in edits.items():

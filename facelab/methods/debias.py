@@ -123,7 +123,7 @@ def sample_batches(cfg: DictConfig, runner: Runner, denoiser, sampler, term, oth
     gen = runner.generator("sampling")
     terms = ([term] if term is not None else []) + others
     images, adp = [], {}
-    for first, n in runner.batches(cfg.num_samples):
+    for _, n in runner.batches(cfg.num_samples):
         with runner.timed("sampling"):
             x_T = torch.randn(n, unet.in_channels, unet.sample_size, unet.sample_size, generator=gen,
                               device=runner.device)

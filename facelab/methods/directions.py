@@ -211,7 +211,8 @@ def index_samples(cfg: DictConfig, denoiser: Denoiser, grid: list[int], seeds: l
     Cached under paths.cache_dir by a key of every input (model weights, h location, grid, η, seeds, classifier)."""
     opts = cfg.method
     key = {"model": model_fingerprint(denoiser), "h": opts.h_space, "grid": grid, "eta": float(eta),
-           "seeds": [seeds[0], len(seeds)], "clip": bool(opts.clip), "classifier": classifier and fingerprint(classifier)}
+           "seeds": [seeds[0], len(seeds)], "clip": bool(opts.clip),
+           "classifier": classifier and fingerprint(classifier)}
     digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     path = Path(cfg.paths.cache_dir) / "directions" / f"index_{digest}.safetensors"
     if path.is_file():

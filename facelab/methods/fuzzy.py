@@ -214,7 +214,8 @@ def keep_weight(mode: str, mask_s: float, y: Tensor, keep: Tensor | None) -> Ten
 
 def anomaly_map(errors: Tensor, mean: Tensor, std: Tensor, lower: float, upper: float,
                 sigma_floor: float) -> tuple[Tensor, Tensor]:
-    """(ẑ_d [B, D, C, H, W], A [B, C, H, W]): z-scores clamped to [L, U], scaled to [0, 1], and their mean over depths."""
+    """(ẑ_d [B, D, C, H, W], A [B, C, H, W]): z-scores clamped to [L, U], scaled to [0, 1], and their mean over
+    depths."""
     z = (errors.double() - mean) / std.clamp(min=sigma_floor)
     zhat = ((z.clamp(lower, upper) - lower) / (upper - lower)).to(errors.dtype)
     return zhat, zhat.mean(1)

@@ -68,13 +68,12 @@ def run(cfg: DictConfig, runner: Runner) -> dict:
         raise FileExistsError(f"{folder}: already holds h-space shards; choose another method.out")
     device = device_of(cfg)
     denoiser = load_denoiser(cfg.model.pretrained, device)
-    sampler = build_sampler(cfg.sampler)
+    sampler, sampler_options = build_sampler(cfg.sampler), OmegaConf.to_container(cfg.sampler, resolve=True)
     grid = extraction_grid(denoiser, sampler)
     meta = {"format": FORMAT, "model": str(cfg.model.pretrained), "fingerprint": model_fingerprint(denoiser),
             "where": opts.where, "grid": grid, "num_train_timesteps": denoiser.schedule.num_train_timesteps,
             "resolution": denoiser.unet.config.sample_size, "source": opts.source,
-            "sampler": {"name": sampler.name, **{k: v for k, v in OmegaConf.to_container(cfg.sampler, resolve=True).items()
-                                                 if not k.startswith("_")}}}
+            "sampler": {"name": sampler.name, **{k: v for k, v in sampler_options.items() if not k.startswith("_")}}}
     start = time.perf_counter()
     if opts.source == "trajectory":
         batches, labelling = trajectory_batches(cfg, denoiser, sampler, grid, device)

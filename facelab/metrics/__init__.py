@@ -1,1 +1,2 @@
-"""Metrics: attribute fractions, Fairness Discrepancy and Fréchet distances of generated sets; per-image PSNR/SSIM/L1."""
+"""Metrics: attribute fractions, Fairness Discrepancy and Fréchet distances of generated sets; per-image PSNR, SSIM
+and L1."""
