@@ -66,7 +66,8 @@ def direction_file(tmp_path_factory):
     basis = torch.randn(1, len(grid), *probe.hs[0].shape[1:], generator=torch.Generator().manual_seed(0))
     basis = basis / basis.flatten(2).norm(dim=2)[..., None, None, None]
     meta = {"model": "ddpm64", "fingerprint": model_fingerprint(denoiser), "h_space": "after", "method": "pca"}
-    return Directions(basis, torch.ones(1, len(grid)), grid, meta).save(tmp_path_factory.mktemp("dirs") / "d.safetensors")
+    path = tmp_path_factory.mktemp("directions") / "directions.safetensors"
+    return Directions(basis, torch.ones(1, len(grid)), grid, meta).save(path)
 
 
 def overrides_for(name, direction_file):

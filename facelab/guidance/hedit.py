@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from facelab.diffusion.loop import Guidance, State
+from facelab.diffusion.schedule import SPACINGS
 from facelab.directions.files import Directions
 from facelab.io.errors import InputError
 
@@ -83,12 +84,14 @@ class DirectionEdit(HEdit):
                 and model_fingerprint(model) != found["fingerprint"]:
             raise InputError(f"guidance.hedit.file={self.file}: the directions were found on model "
                              f"{found.get('model')!r}, not this one (different weights); discover them for this model")
-        grid = state.sampler.timesteps(state.schedule)
-        if list(grid) != list(self.directions.timesteps):
-            steps = len(self.directions.timesteps)
+        grid, found_grid = list(state.sampler.timesteps(state.schedule)), list(self.directions.timesteps)
+        if grid != found_grid:
+            steps = len(found_grid)
+            hint = next((f"sampler.steps={steps} sampler.spacing={spacing}" for spacing in SPACINGS
+                         if state.schedule.timesteps(steps, spacing=spacing).tolist() == found_grid),
+                        f"sampler.steps={steps}")
             raise InputError(f"guidance.hedit.file={self.file}: the directions were found on the {steps}-step grid "
-                             f"{self.directions.timesteps}, this run samples on {list(grid)}: set sampler.steps={steps}"
-                             " (and sampler.spacing to the model's timestep_spacing)")
+                             f"{found_grid}, this run samples on {grid}: set {hint}")
         self.checked = model
 
     def h_edit(self, state: State) -> Callable[[Tensor], Tensor] | None:
