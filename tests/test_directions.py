@@ -194,11 +194,11 @@ def test_region_mask_from_parser_is_the_union_of_the_region_classes():
     sources = Sources(["seed7"], torch.zeros(1, 3, 4, 4), torch.zeros(2, 1, 3, 4, 4), 1.0)
     for region, wanted in [("mouth", {"mouth", "u_lip", "l_lip"}), (["eye", "hair"], {"l_eye", "r_eye", "hair"}),
                            ("brow", {"l_brow", "r_brow"}), ("skin", {"skin"})]:
-        cfg = OmegaConf.create({"region": region, "method": {"input": "samples", "parser": "stub"}})
+        cfg = OmegaConf.create({"method": {"region": region, "input": "samples", "parser": "stub"}})
         mask, origin = region_mask(cfg, sources, region_classes(cfg), parser, torch.zeros(3, 4, 4))
         expected = torch.tensor([[[float(n in wanted) for n in row] for row in names]])
         assert origin == "parser:stub" and torch.equal(mask, expected), region
-    cfg = OmegaConf.create({"region": "eyeglasses", "method": {"input": "samples", "parser": "stub"}})
+    cfg = OmegaConf.create({"method": {"region": "eyeglasses", "input": "samples", "parser": "stub"}})
     with pytest.raises(InputError, match="region=eyeglasses: parser:stub finds no such pixels on seed7"):
         region_mask(cfg, sources, region_classes(cfg), parser, torch.zeros(3, 4, 4))
 

@@ -66,13 +66,14 @@ class Reweight:
 
     def __post_init__(self):
         if self.mode not in REWEIGHTS:
-            raise InputError(f"collab.reweight={self.mode}: use one of {', '.join(REWEIGHTS)}")
+            raise InputError(f"method.collab.reweight={self.mode}: use one of {', '.join(REWEIGHTS)}")
         if self.seg_mask_schedule not in DECAYS:
-            raise InputError(f"collab.seg_mask_schedule={self.seg_mask_schedule}: use one of {', '.join(DECAYS)}")
+            raise InputError(f"method.collab.seg_mask_schedule={self.seg_mask_schedule}: use one of "
+                             f"{', '.join(DECAYS)}")
         if self.seg_mask_scale_factor <= 0:
-            raise InputError(f"collab.seg_mask_scale_factor={self.seg_mask_scale_factor}: must be positive")
+            raise InputError(f"method.collab.seg_mask_scale_factor={self.seg_mask_scale_factor}: must be positive")
         if not 0 <= self.manual_prob <= 1:
-            raise InputError(f"collab.manual_prob={self.manual_prob}: must lie in [0, 1]")
+            raise InputError(f"method.collab.manual_prob={self.manual_prob}: must lie in [0, 1]")
 
     @classmethod
     def from_options(cls, options: Mapping) -> Reweight:
@@ -94,8 +95,8 @@ class Reweight:
     def check(self, spatial: Sequence[bool]) -> None:
         """The paper preset needs a non-spatial modality to take the remainder."""
         if self.mode == "paper" and all(spatial):
-            raise InputError("collab.reweight=paper gives the remainder to a non-spatial modality (text), and these "
-                             "models have none; use collab.reweight=learned or average")
+            raise InputError("method.collab.reweight=paper gives the remainder to a non-spatial modality (text), and "
+                             "these models have none; use method.collab.reweight=learned or average")
 
     def __call__(self, learned: Tensor, t: Tensor, spatial: Sequence[bool], num_train_timesteps: int = 1000,
                  generator: torch.Generator | None = None) -> Tensor:
@@ -106,7 +107,7 @@ class Reweight:
             return torch.full_like(learned, 1 / learned.shape[1])
         if self.manual_prob < 1:
             if generator is None:
-                raise ValueError("collab.manual_prob < 1 draws from a generator; pass one")
+                raise ValueError("method.collab.manual_prob < 1 draws from a generator; pass one")
             if torch.rand((), generator=generator, device=generator.device) >= self.manual_prob:
                 return learned
         s = decay(t, self.seg_mask_schedule, num_train_timesteps).to(learned).view(-1, 1, 1, 1, 1)

@@ -1,7 +1,7 @@
 """`method=codiff` (Collaborative Diffusion) and `method=ldm` (one of its uni-modal latent models alone).
 
     python -m facelab.sample method=codiff mask=PATH text="This man has a beard of medium length."
-    python -m facelab.sample method=codiff collab.reweight=learned return_influence_function=true
+    python -m facelab.sample method=codiff method.collab.reweight=learned return_influence_function=true
     python -m facelab.sample method=ldm mask=PATH          # the mask model alone (text="..." for the text model)
 
 The mask is a CelebAMask-HQ label map (index/palette/colour PNG, or a [19, H·W] one-hot tensor file); without mask
@@ -55,7 +55,7 @@ def run(cfg: DictConfig, runner: Runner) -> dict:
     """method=codiff: the collaborative sampler of model.pretrained under (mask, text)."""
     refuse_guidance(cfg, "method=codiff", REFUSED)
     out, gallery = runner.out, runner.gallery
-    collab = load_collaborative(cfg.model.pretrained, device_of(cfg), Reweight.from_options(cfg.collab),
+    collab = load_collaborative(cfg.model.pretrained, device_of(cfg), Reweight.from_options(cfg.method.collab),
                                 cfg_scales(cfg))
     return generate(cfg, out, gallery, collab, read_inputs(cfg, collab))
 
@@ -65,10 +65,10 @@ def run_ldm(cfg: DictConfig, runner: Runner) -> dict:
     refuse_guidance(cfg, "method=ldm", REFUSED)
     out, gallery = runner.out, runner.gallery
     device = device_of(cfg)
-    if cfg.method.model is not None:
-        model = load_latent_model(str(cfg.method.model), device)
+    if cfg.model.pretrained is not None:
+        model = load_latent_model(str(cfg.model.pretrained), device)
     else:
-        given = [key for key in ("mask", "text") if cfg[key] is not None]
+        given = [key for key in ("mask", "text") if cfg.method[key] is not None]
         if len(given) != 1:
             raise InputError("method=ldm samples one uni-modal model: give mask=PATH or text=\"...\" (not both), or "
                              "method.model=SOURCE")
@@ -78,7 +78,7 @@ def run_ldm(cfg: DictConfig, runner: Runner) -> dict:
 
 
 def cfg_scales(cfg: DictConfig) -> float | dict:
-    scale = cfg.cfg_scale
+    scale = cfg.method.cfg_scale
     return OmegaConf.to_container(scale) if isinstance(scale, DictConfig) else float(scale)
 
 
@@ -98,15 +98,15 @@ def read_inputs(cfg: DictConfig, collab: CollaborativeDenoiser) -> Inputs:
     """The mask and caption the models read (the shipped defaults where not given), validated."""
     modalities = {model.modality for model in collab.models}
     for key in ("mask", "text"):
-        if cfg[key] is not None and key not in modalities:
+        if cfg.method[key] is not None and key not in modalities:
             raise InputError(f"{key}= is given but no model here reads a {key} (modalities: "
                              f"{', '.join(sorted(modalities))})")
     inputs = Inputs(None, "none", None)
     if "mask" in modalities:
-        path = Path(cfg.mask) if cfg.mask is not None else DEFAULT_MASK
+        path = Path(cfg.method.mask) if cfg.method.mask is not None else DEFAULT_MASK
         inputs.mask, inputs.mask_name = read_mask(path), path.stem
     if "text" in modalities:
-        inputs.text = str(cfg.text) if cfg.text is not None else DEFAULT_TEXT.read_text().strip()
+        inputs.text = str(cfg.method.text) if cfg.method.text is not None else DEFAULT_TEXT.read_text().strip()
         if not inputs.text.strip():
             raise InputError(f'text={inputs.text!r}: the caption is empty; give a sentence, e.g. text="This man has a '
                              'beard."')
@@ -187,7 +187,7 @@ def run_batches(cfg: DictConfig, collab: CollaborativeDenoiser, inputs: Inputs, 
         grid, final = ldm_timesteps(schedule, sampler.steps), 0
     else:
         grid, final = sampler.timesteps(schedule), -1
-    starts = read_start(cfg.x_T, cfg.num_samples, shape) if cfg.x_T is not None else None
+    starts = read_start(cfg.method.x_T, cfg.num_samples, shape) if cfg.method.x_T is not None else None
     start_gen, noise_gen = generator(cfg.seed, device, START_STREAM), generator(cfg.seed, device, NOISE_STREAM)
     collab.generator = generator(cfg.seed, device, REWEIGHT_STREAM)
     collab.record = collab.diffusers is not None
@@ -207,7 +207,7 @@ def run_batches(cfg: DictConfig, collab: CollaborativeDenoiser, inputs: Inputs, 
         start = clock(device)
         z0 = sample(collab, schedule, z, grid, sampler=sampler, guidance=terms, generator=noise_gen,
                     cond=collab.conditions(values, n), final=final, progress=cfg.progress,
-                    callback=keep if cfg.display_x_inter else None)
+                    callback=keep if cfg.method.display_x_inter else None)
         images.append(collab.decode(z0).cpu())
         result.seconds += clock(device) - start
         latents.append(z0.cpu())
@@ -215,7 +215,7 @@ def run_batches(cfg: DictConfig, collab: CollaborativeDenoiser, inputs: Inputs, 
             result.t = [int(r["t"][0]) for r in collab.records]
             learned.append(torch.stack([r["learned"] for r in collab.records], 1))
             weights.append(torch.stack([r["weights"] for r in collab.records], 1))
-        if cfg.display_x_inter:
+        if cfg.method.display_x_inter:
             for i in range(n):
                 result.x_inter.append(decode_frames(collab, [x[i] for x in frames["x"]]))
                 result.pred_x0.append(decode_frames(collab, [x[i] for x in frames["x0"]]))
@@ -240,7 +240,7 @@ def generate(cfg: DictConfig, out: Path, gallery, collab: CollaborativeDenoiser,
     write_gallery(out, gallery, folder, collab, inputs, result)
     n, runs = len(result.images), -(-cfg.num_samples // cfg.batch_size)
     metrics = {"method": cfg.method.name, "modalities": collab.names,
-               "mask": str(cfg.mask or DEFAULT_MASK) if inputs.mask is not None else None, "text": inputs.text,
+               "mask": str(cfg.method.mask or DEFAULT_MASK) if inputs.mask is not None else None, "text": inputs.text,
                "outputs": str(folder.relative_to(out)), "num_samples": n, "seconds": result.seconds,
                "seconds_per_image": result.seconds / n, "sampler": sampler.name, "steps": sampler.steps,
                "eta": getattr(sampler, "eta", None), "cfg_scale": dict(zip(collab.names, collab.cfg_scales)),
@@ -279,17 +279,17 @@ def write_samples(cfg: DictConfig, folder: Path, collab: CollaborativeDenoiser, 
         colour = torch.from_numpy(colorize_mask(resize_mask(inputs.mask, size))).permute(2, 0, 1).float() / 127.5 - 1
     for idx, image in enumerate(result.images):
         save_image(image, folder / f"{idx:06d}_x_0.png")
-        if cfg.display_x_inter:
+        if cfg.method.display_x_inter:
             save_tiles(result.x_inter[idx], folder / f"{idx:06d}_x_inter.png", NROW)
             save_tiles(result.pred_x0[idx], folder / f"{idx:06d}_pred_x0.png", NROW)
-        if cfg.save_z:  # the reference's (z + 40)·4 for its raw latents; ours are scaled to unit variance: (z + 4)·32
+        if cfg.method.save_z:  # the reference's (z + 40)·4 for its raw latents; ours are scaled to unit variance: (z + 4)·32
             z = result.z0[idx]
             save_image((z[:3] if len(z) >= 3 else z.mean(0, keepdim=True)) / 4, folder / f"{idx:06d}_z_0.png")
-        if cfg.save_mixed and inputs.mask is not None:
+        if cfg.method.save_mixed and inputs.mask is not None:
             save_image(0.7 * image + 0.3 * colour, folder / f"{idx:06d}_mixed.png")
         if result.weights is None:
             continue
-        if cfg.get("return_influence_function"):
+        if cfg.method.get("return_influence_function"):
             for j, (name, model) in enumerate(zip(collab.names, collab.models)):
                 maps = result.weights[idx, :, j, None] * 2 - 1  # [steps, 1, h, w]: the map ×255 once saved
                 save_tiles(maps, folder / f"{idx:06d}_{FILE_NAMES.get(model.modality, name)}_influence_function.png",

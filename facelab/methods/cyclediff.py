@@ -90,7 +90,7 @@ def run(cfg: DictConfig, runner: Runner) -> dict:
         raise InputError(f"model.pretrained={cfg.model.pretrained} is not attribute-conditional; train one with "
                          "python -m facelab.train +experiment=cyclediff_ddpm")
     attributes = denoiser.attributes
-    edits = parse_edits(cfg.attribute, attributes)
+    edits = parse_edits(cfg.method.attribute, attributes)
     if opts.eval_classifier is not None and str(opts.eval_classifier) == str(opts.classifier):
         raise InputError(f"method.classifier={opts.classifier} is also the evaluation classifier; guidance must not "
                          "see the evaluator")
@@ -252,7 +252,7 @@ def load_faces(cfg: DictConfig, denoiser: Denoiser, classifier: AttributeNet) ->
             columns = [synthetic.attribute_names.index(a) for a in attributes]
             labels = torch.stack([item["attributes"] for item in items])[:, columns]
     else:
-        names, images = read_image_folder(cfg.gt_path, size)
+        names, images = read_image_folder(cfg.method.gt_path, size)
         if opts.source_attributes == "labels" and opts.labels is not None:
             labels = image_labels(opts.labels, names, attributes)
     if labels is None:

@@ -38,12 +38,12 @@ from facelab.runner import Runner
 
 def run(cfg: DictConfig, runner: Runner) -> dict:
     out, gallery = runner.out, runner.gallery
-    opts, mode = cfg.method, cfg.mode
+    opts, mode = cfg.method, cfg.method.mode
     if mode not in MODES:
         raise InputError(f"mode={mode!r}: method=debias takes {', '.join(MODES)}")
     sampler = build_sampler(cfg.sampler)
     sampler.check(asymmetric=bool(opts.asymmetric))
-    target = {name: value for name, value in OmegaConf.to_container(cfg.target, resolve=True).items()
+    target = {name: value for name, value in OmegaConf.to_container(cfg.method.target, resolve=True).items()
               if value is not None} or DEFAULT_TARGET
     others = guidance_terms(cfg)
     if any(isinstance(term, (HSpaceDebias, ImageDebias)) for term in others):

@@ -58,12 +58,12 @@ def run(cfg: DictConfig, runner: Runner) -> dict:
     refuse_guidance(cfg, "method=directions", "it decodes every face with and without its directions from the same "
                     "x_T and noise, unguided (guidance=[hedit] applies a direction file in method=generate)")
     opts = cfg.method
-    if cfg.discover not in (None, *DISCOVER):
-        raise InputError(f"discover={cfg.discover}: use one of {', '.join(DISCOVER)}")
-    if not cfg.discover and not cfg.apply:
+    if cfg.method.discover not in (None, *DISCOVER):
+        raise InputError(f"discover={cfg.method.discover}: use one of {', '.join(DISCOVER)}")
+    if not cfg.method.discover and not cfg.method.apply:
         raise InputError("method=directions needs discover=pca|jacobian|supervised|conditional or apply=FILE")
-    scales = check_scales(cfg.scales)
-    indices = check_indices(cfg.index) if cfg.apply else []
+    scales = check_scales(cfg.method.scales)
+    indices = check_indices(cfg.method.index) if cfg.method.apply else []
     device = device_of(cfg)
     denoiser = load_denoiser(cfg.model.pretrained, device)
     if opts.clip is None:
@@ -73,16 +73,16 @@ def run(cfg: DictConfig, runner: Runner) -> dict:
     sources = load_sources(cfg, denoiser, grid)  # checked before any long computation
     metrics: dict = {}
     start = time.perf_counter()
-    if cfg.discover:
-        directions = DISCOVERERS[cfg.discover](cfg, denoiser, grid, sources, metrics)
-        directions.meta.update(model, timesteps=grid, eta=opts.eta, method=cfg.discover, seed=cfg.seed)
+    if cfg.method.discover:
+        directions = DISCOVERERS[cfg.method.discover](cfg, denoiser, grid, sources, metrics)
+        directions.meta.update(model, timesteps=grid, eta=opts.eta, method=cfg.method.discover, seed=cfg.seed)
         path = directions.save(out / "directions.safetensors")
         metrics["discover_seconds"] = time.perf_counter() - start
         metrics["directions_file"] = str(path)
-        indices = list(range(min(cfg.num_directions, len(directions))))
+        indices = list(range(min(cfg.method.num_directions, len(directions))))
     else:
-        directions = Directions.load(cfg.apply)
-        directions.check(model["fingerprint"], opts.h_space, grid, cfg.apply)
+        directions = Directions.load(cfg.method.apply)
+        directions.check(model["fingerprint"], opts.h_space, grid, cfg.method.apply)
     scales = scales or NATURAL_SCALES[directions.meta.get("method", "pca")]
     start = time.perf_counter()
     metrics |= apply_directions(cfg, denoiser, grid, directions, indices, scales, sources, out, gallery)
@@ -138,10 +138,10 @@ def load_sources(cfg: DictConfig, denoiser: Denoiser, grid: list[int]) -> Source
         labels = torch.stack([it["mask"] for it in items])
         names = [f"face{it['name']}" for it in items]
     elif opts.input == "images":
-        names, images = read_image_folder(cfg.gt_path, unet.sample_size)
+        names, images = read_image_folder(cfg.method.gt_path, unet.sample_size)
         images, labels = images.to(device), None
-        if cfg.mask_path:
-            labels = torch.stack([read_mask(Path(cfg.mask_path) / f"{name}.png", shape[1:]) for name in names])
+        if cfg.method.label_path:
+            labels = torch.stack([read_mask(Path(cfg.method.label_path) / f"{name}.png", shape[1:]) for name in names])
     else:
         raise InputError(f"method.input={opts.input}: use samples, synthetic or images")
     return invert(cfg, denoiser, grid, names, images, labels)
@@ -163,9 +163,9 @@ def invert(cfg, denoiser: Denoiser, grid: list[int], names, images: Tensor, labe
 
 def region_classes(cfg: DictConfig) -> list[int] | None:
     """The CelebAMask-HQ class indices of `region` (composite names or classes); None without a region."""
-    if not cfg.region:
+    if not cfg.method.region:
         return None
-    names = [cfg.region] if isinstance(cfg.region, str) else list(cfg.region)
+    names = [cfg.method.region] if isinstance(cfg.method.region, str) else list(cfg.method.region)
     classes = []
     for name in names:
         if name not in REGIONS and name not in SEG:
@@ -198,7 +198,7 @@ def region_mask(cfg: DictConfig, sources: Sources, classes: list[int], parser: P
         origin = f"parser:{cfg.method.parser}"
     mask = torch.isin(labels.cpu(), torch.tensor(classes)).float()[None]
     if not mask.any():
-        raise InputError(f"region={cfg.region}: {origin} finds no such pixels on {sources.names[0]}; "
+        raise InputError(f"region={cfg.method.region}: {origin} finds no such pixels on {sources.names[0]}; "
                          "choose another face (seed=...) or region")
     return mask, origin
 
@@ -267,7 +267,7 @@ def discover_jacobian(cfg, denoiser, grid, sources, metrics) -> Directions:
     if mask is not None:
         mask = mask.to(image.device)
         save_image(image * mask + (1 - mask) * -1, Path(cfg.paths.output_dir) / "masked_source.png")
-    region = OmegaConf.to_container(cfg.region) if isinstance(cfg.region, ListConfig) else cfg.region
+    region = OmegaConf.to_container(cfg.method.region) if isinstance(cfg.method.region, ListConfig) else cfg.method.region
     return Directions(v, sigma, grid, {"params": {"region": region, "mask": origin, "source": sources.names[0],
                                                   "num_eigvecs": opts.num_eigvecs}, "global_at_idx": True})
 
@@ -299,19 +299,19 @@ def mean_difference(index: dict[str, Tensor], attribute: str, num_examples: int,
 
 def discover_supervised(cfg, denoiser, grid, sources, metrics) -> Directions:
     opts = cfg.method
-    if not cfg.attribute:
-        raise InputError(f"discover={cfg.discover} needs attribute=NAME (e.g. attribute=Smiling)")
-    conditions = [cfg.condition] if isinstance(cfg.condition, str) else list(cfg.condition or [])
-    if cfg.discover == "conditional" and not conditions:
+    if not cfg.method.attribute:
+        raise InputError(f"discover={cfg.method.discover} needs attribute=NAME (e.g. attribute=Smiling)")
+    conditions = [cfg.method.condition] if isinstance(cfg.method.condition, str) else list(cfg.method.condition or [])
+    if cfg.method.discover == "conditional" and not conditions:
         raise InputError("discover=conditional needs condition=[NAME,...] (e.g. condition=[Male])")
-    heads = {c: f"condition=[{c}]" for c in conditions if cfg.discover == "conditional"}
+    heads = {c: f"condition=[{c}]" for c in conditions if cfg.method.discover == "conditional"}
     heads |= {"Male": "method.balance_gender=true"} if opts.balance_gender else {}
-    index = supervised_index(cfg, denoiser, grid, {**heads, cfg.attribute: f"attribute={cfg.attribute}"})
-    primal = mean_difference(index, cfg.attribute, opts.num_examples, opts)
-    vectors, params = [primal], {"attribute": cfg.attribute, "idx_size": opts.idx_size,
+    index = supervised_index(cfg, denoiser, grid, {**heads, cfg.method.attribute: f"attribute={cfg.method.attribute}"})
+    primal = mean_difference(index, cfg.method.attribute, opts.num_examples, opts)
+    vectors, params = [primal], {"attribute": cfg.method.attribute, "idx_size": opts.idx_size,
                                  "num_examples": opts.num_examples, "classifier": opts.classifier,
                                  "balance_gender": opts.balance_gender}
-    if cfg.discover == "conditional":
+    if cfg.method.discover == "conditional":
         projected = maths.project_out(primal, torch.stack([mean_difference(index, c, opts.num_examples, opts)
                                                            for c in conditions]))
         metrics["kept_norm_fraction"] = float(projected.norm() / primal.norm())

@@ -57,10 +57,10 @@ def run(cfg: DictConfig, runner: Runner) -> dict:
     device = device_of(cfg)
     denoiser = load_denoiser(cfg.model.pretrained, device)
     resolution = denoiser.unet.config.sample_size
-    depths = check_depths(cfg.zscore_set, denoiser.schedule.num_train_timesteps) if cfg.mode == "zscore" else []
+    depths = check_depths(cfg.method.zscore_set, denoiser.schedule.num_train_timesteps) if cfg.method.mode == "zscore" else []
     stats = load_stats(stats_path(cfg), denoiser, cfg.model.pretrained, depths, cfg.method.projection_offset,
                        cfg.method.projection_step, cfg.method.zscore_N) if depths else None
-    if stats is not None and cfg.gt_path is None:
+    if stats is not None and cfg.method.gt_path is None:
         check_disjoint(cfg, stats[2])
     names, images, keeps = read_inputs(cfg, resolution)
     terms = guidance_terms(cfg)
@@ -73,7 +73,7 @@ def run(cfg: DictConfig, runner: Runner) -> dict:
     for first in tqdm(range(0, len(names), cfg.batch_size), desc="batches", disable=not cfg.progress):
         clean = images[first:first + cfg.batch_size]
         batch = {"clean": clean}
-        if cfg.self_degrade:
+        if cfg.method.self_degrade:
             batch["gt_image"], batch["degradation"] = self_degrade(clean, degrade_gen)
         else:
             batch["gt_image"] = clean
@@ -83,7 +83,7 @@ def run(cfg: DictConfig, runner: Runner) -> dict:
         batch.update(keep_map(cfg, denoiser, y, keep, stats, depths, projection_gen))
         seconds["projection"] += time.perf_counter() - start
         m = batch["m"]
-        blend = FuzzyBlend(y, m, strength, renormalize=not cfg.fuzzy_off, final_composite=cfg.method.final_composite)
+        blend = FuzzyBlend(y, m, strength, renormalize=not cfg.method.fuzzy_off, final_composite=cfg.method.final_composite)
         start = time.perf_counter()
         x_T = torch.randn(y.shape, generator=sample_gen, device=device)
         batch["inpainted"] = run_sampler(denoiser, x_T, sampler, sample_gen, [blend, *terms],
@@ -99,14 +99,14 @@ def run(cfg: DictConfig, runner: Runner) -> dict:
     projection_calls = sum(len(projection_times(d, cfg.method.projection_offset, cfg.method.projection_step))
                            for d in depths)
     total = seconds["projection"] + seconds["sampling"]
-    metrics = {"mode": cfg.mode, "num_images": len(names), "sampler": sampler.name, "steps": sampler.steps,
+    metrics = {"mode": cfg.method.mode, "num_images": len(names), "sampler": sampler.name, "steps": sampler.steps,
                "strength": strength, "mean_m": results["m"].mean().item(),
                "network_calls_per_image": sampler_calls + projection_calls,
                "projection_calls_per_image": projection_calls,
                "seconds": total, "seconds_per_image": total / len(names),
                "projection_seconds": seconds["projection"], "sampling_seconds": seconds["sampling"],
                "psnr_to_input": psnr(results["inpainted"], results["gt_image"])}
-    if cfg.self_degrade:
+    if cfg.method.self_degrade:
         metrics.update(correction_metrics(results))
         if depths:
             metrics.update(anomaly_metrics(results, depths))
@@ -116,23 +116,23 @@ def run(cfg: DictConfig, runner: Runner) -> dict:
 # --- options and inputs -------------------------------------------------------------------------------
 def check_options(cfg: DictConfig, sampler) -> str:
     """Validate the knobs before any work; return the resolved strength (auto → per_step for sampler=repaint)."""
-    if cfg.mode not in MODES:
-        raise InputError(f"mode={cfg.mode!r}: use one of {', '.join(MODES)}")
+    if cfg.method.mode not in MODES:
+        raise InputError(f"mode={cfg.method.mode!r}: use one of {', '.join(MODES)}")
     for key in ("mask_s", "ood_lambda"):
-        if not 0 <= cfg[key] <= 1:
-            raise InputError(f"{key}={cfg[key]}: must lie in [0, 1]")
-    if cfg.ood_expon <= 0:
-        raise InputError(f"ood_expon={cfg.ood_expon}: must be positive")
-    if not cfg.lower_bound < cfg.upper_bound:
-        raise InputError(f"lower_bound={cfg.lower_bound}, upper_bound={cfg.upper_bound}: need lower < upper")
+        if not 0 <= cfg.method[key] <= 1:
+            raise InputError(f"{key}={cfg.method[key]}: must lie in [0, 1]")
+    if cfg.method.ood_expon <= 0:
+        raise InputError(f"ood_expon={cfg.method.ood_expon}: must be positive")
+    if not cfg.method.lower_bound < cfg.method.upper_bound:
+        raise InputError(f"lower_bound={cfg.method.lower_bound}, upper_bound={cfg.method.upper_bound}: need lower < upper")
     if cfg.method.mask_reduce not in MASK_REDUCES:
         raise InputError(f"method.mask_reduce={cfg.method.mask_reduce!r}: use one of {', '.join(MASK_REDUCES)}")
     if cfg.method.projection_step < 1:
         raise InputError(f"method.projection_step={cfg.method.projection_step}: must be at least 1")
-    if cfg.mask_path is not None and cfg.gt_path is None:
+    if cfg.method.mask_path is not None and cfg.method.gt_path is None:
         raise InputError("mask_path is set but gt_path is not: give the images the masks belong to")
-    if cfg.mode in ("mask", "modulate") and cfg.gt_path is not None and cfg.mask_path is None:
-        raise InputError(f"mode={cfg.mode} needs mask_path=DIR of keep-masks (white = keep) named like the "
+    if cfg.method.mode in ("mask", "modulate") and cfg.method.gt_path is not None and cfg.method.mask_path is None:
+        raise InputError(f"mode={cfg.method.mode} needs mask_path=DIR of keep-masks (white = keep) named like the "
                          "images in gt_path")
     strength = cfg.method.strength
     if strength == "auto":
@@ -144,8 +144,8 @@ def check_options(cfg: DictConfig, sampler) -> str:
 
 def stats_path(cfg: DictConfig) -> Path:
     """zscore_path, or the zoo's statistics for a zoo model."""
-    if cfg.zscore_path is not None:
-        return Path(cfg.zscore_path)
+    if cfg.method.zscore_path is not None:
+        return Path(cfg.method.zscore_path)
     if str(cfg.model.pretrained) in zoo_names():
         return ZOO_DIR / str(cfg.model.pretrained) / STATS_FILE
     raise InputError(f"mode=zscore needs zscore_path=FILE: no shipped statistics for model.pretrained="
@@ -164,14 +164,14 @@ def check_disjoint(cfg: DictConfig, meta: dict) -> None:
 
 def read_inputs(cfg: DictConfig, resolution: int) -> tuple[list[str], Tensor, Tensor | None]:
     """(names, images [N, 3, R, R] in [−1, 1], keep-masks [N, 3, R, R] in [0, 1] or None) at the model's size R."""
-    needs_masks = cfg.mode in ("mask", "modulate")
-    if cfg.gt_path is None:
+    needs_masks = cfg.method.mode in ("mask", "modulate")
+    if cfg.method.gt_path is None:
         faces = SyntheticFaces(size=resolution, length=cfg.num_samples, seed=cfg.method.faces.seed,
                                start=cfg.method.faces.start)
         items = [faces[i] for i in range(len(faces))]
         keeps = torch.stack([keep_outside_face(item).expand(3, -1, -1) for item in items]) if needs_masks else None
         return [item["name"] for item in items], torch.stack([item["image"] for item in items]), keeps
-    folder = ImageMaskFolder(cfg.gt_path, cfg.mask_path if needs_masks else None)
+    folder = ImageMaskFolder(cfg.method.gt_path, cfg.method.mask_path if needs_masks else None)
     items = [folder[i] for i in range(len(folder))]
     for item, path in zip(items, folder.image_paths):
         height, width = item["image"].shape[-2:]
@@ -194,12 +194,12 @@ def keep_map(cfg: DictConfig, denoiser, y: Tensor, keep: Tensor | None, stats, d
              gen: torch.Generator) -> dict[str, Tensor]:
     """The keep weight m of a batch; in zscore mode also the projections, errors, ẑ_d and A it comes from."""
     if stats is None:
-        return {"m": reduce_mask(keep_weight(cfg.mode, cfg.mask_s, y, keep), cfg.method.mask_reduce)}
+        return {"m": reduce_mask(keep_weight(cfg.method.mode, cfg.method.mask_s, y, keep), cfg.method.mask_reduce)}
     projected, errors = project_errors(denoiser, y, depths, gen, cfg.method.projection_offset,
                                        cfg.method.projection_step)
-    zhat, anomaly = anomaly_map(errors, stats[0].to(y.device), stats[1].to(y.device), cfg.lower_bound,
-                                cfg.upper_bound, cfg.method.sigma_floor)
-    m = reduce_mask(cfg.ood_lambda * (1 - anomaly) ** cfg.ood_expon, cfg.method.mask_reduce)
+    zhat, anomaly = anomaly_map(errors, stats[0].to(y.device), stats[1].to(y.device), cfg.method.lower_bound,
+                                cfg.method.upper_bound, cfg.method.sigma_floor)
+    m = reduce_mask(cfg.method.ood_lambda * (1 - anomaly) ** cfg.method.ood_expon, cfg.method.mask_reduce)
     return {"projected": projected, "err": errors, "errzscore": zhat, "anomaly": anomaly, "m": m}
 
 
