@@ -6,9 +6,10 @@ gallery, and writes config.yaml before and metrics.json and index.html after the
 """
 from __future__ import annotations
 
+import csv
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -23,26 +24,27 @@ from facelab.io.errors import InputError
 from facelab.io.gallery import Gallery
 from facelab.io.grids import save_grid
 from facelab.io.images import save_image
+from facelab.models.components.seeding import keyed_generator, stream_generator
 
-# Random streams by purpose: stream k of seed s is torch.Generator().manual_seed(s·1000003 + k), so a new purpose
-# (a new name here) never shifts another's draws. Names are per method where methods differ in what they draw.
+# Random streams by purpose, the one seeding scheme of sampling runs: stream k of seed s is a generator seeded with
+# s·1000003 + k (models/components/seeding.py), so a new purpose (a new name here) never shifts another's draws; a
+# keyed stream (runner.keyed_generator) also hashes a batch key, so a batch's draws do not depend on the batch size.
+# Names are per method where methods differ in what they draw.
 STREAMS = {
     "sampling": 0,      # x_T, then the sampler's per-step noise (generate, debias, fuzzy, hextract)
     "projection": 1,    # fuzzy: the projection's ancestral noise (fuzzy_stats too)
     "degradation": 2,   # fuzzy: self-degradation of the inputs
     "codiff.start": 0, "codiff.noise": 1, "codiff.reweight": 2,
     "directions.x_T": 0, "directions.noise": 1,
+    "cyclediff.noise": 1, "cyclediff.start": 2, "cyclediff.term": 3,  # keyed by (seed, first face of the batch)
 }
 SEED_MULTIPLIER = 1000003
 
 
-def stream_generator(seed: int, device: torch.device | str, stream: str | int) -> torch.Generator:
-    """The generator of one named stream (STREAMS) of `seed` on `device`."""
-    if isinstance(stream, str):
-        if stream not in STREAMS:
-            raise KeyError(f"unknown random stream {stream!r}; add it to facelab.runner.STREAMS")
-        stream = STREAMS[stream]
-    return torch.Generator(device).manual_seed(int(seed) * SEED_MULTIPLIER + stream)
+def stream_number(stream: str) -> int:
+    if stream not in STREAMS:
+        raise KeyError(f"unknown random stream {stream!r}; add it to facelab.runner.STREAMS")
+    return STREAMS[stream]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -69,14 +71,18 @@ def check_seed(seed) -> int:
 
 
 class CallCounter:
-    """Counts every forward of a network (a forward pre-hook), projections and extra guidance passes included."""
+    """Counts every forward of a network (a forward pre-hook), projections and extra guidance passes included:
+    `count` forwards, `rows` the batch rows they evaluated (a forward on 4 images is 4 rows; rows / N is the calls
+    per image even where forwards take a part of the batch, as fuzzy's projection does)."""
 
     def __init__(self, module: torch.nn.Module):
-        self.count = 0
+        self.count = self.rows = 0
         self._hook = module.register_forward_pre_hook(self._seen)
 
-    def _seen(self, *_):
+    def _seen(self, _module, args):
         self.count += 1
+        if args and isinstance(args[0], torch.Tensor) and args[0].dim() > 0:
+            self.rows += len(args[0])
 
     def remove(self) -> None:
         self._hook.remove()
@@ -96,7 +102,12 @@ class Runner:
 
     # --- randomness, batching, timing ------------------------------------------------------------------
     def generator(self, stream: str, device: torch.device | str | None = None) -> torch.Generator:
-        return stream_generator(self.seed, device or self.device, stream)
+        """The run's generator of one named stream (STREAMS)."""
+        return stream_generator(self.seed, device or self.device, stream_number(stream))
+
+    def keyed_generator(self, stream: str, *key: int, device: torch.device | str | None = None) -> torch.Generator:
+        """A generator of (seed, *key, stream): e.g. key = the first item of a batch."""
+        return keyed_generator(device or self.device, self.seed, *key, stream_number(stream))
 
     def batches(self, total: int, batch_size: int | None = None, desc: str = "batches") -> Iterator[tuple[int, int]]:
         """(first index, size) of each batch of `total` items, with a progress bar."""
@@ -139,14 +150,24 @@ class Runner:
                       progress=self.progress, **kwargs)
 
     # --- outputs ---------------------------------------------------------------------------------------------
-    def save_images(self, images: torch.Tensor, folder: str, first: int = 0) -> None:
-        """Write a batch as it finishes: folder/{first + i:05d}.png."""
-        for i, image in enumerate(images):
-            save_image(image, self.out / folder / f"{first + i:05d}.png")
+    def save_images(self, images: torch.Tensor, folder: str, first: int = 0,
+                    names: Sequence[str] | None = None) -> list[Path]:
+        """Write a batch as it finishes: folder/{first + i:05d}.png, or folder/{names[i]}.png; returns the paths."""
+        stems = names if names is not None else [f"{first + i:05d}" for i in range(len(images))]
+        return [save_image(image, self.out / folder / f"{stem}.png") for image, stem in zip(images, stems)]
 
     def grid(self, images: torch.Tensor, name: str, section: str, label: str, **kwargs) -> Path:
         path = save_grid(images, self.out / name, **kwargs)
         self.gallery.section(section).append([(label, path)])
+        return path
+
+    def write_csv(self, name: str, rows: Sequence[dict]) -> Path:
+        """A new table `name` (e.g. losses.csv): columns = every key of the rows, in order of first appearance."""
+        path = self.out / name
+        with open(path, "x", newline="") as file:
+            writer = csv.DictWriter(file, list(dict.fromkeys(key for row in rows for key in row)))
+            writer.writeheader()
+            writer.writerows(rows)
         return path
 
     def close(self) -> None:

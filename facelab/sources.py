@@ -86,6 +86,17 @@ class Inputs:
             raise InputError(f"{KEY}: no labels for {', '.join(missing)} (labels: {have})")
         return torch.stack([self.labels[a] for a in attributes], 1)
 
+    def take(self, first: int, count: int) -> Inputs:
+        """Inputs first..first+count−1 (`faces` is dropped: its face i is input i of the whole)."""
+        part = slice(first, first + count)
+
+        def cut(x):
+            return None if x is None else x[part]
+
+        return Inputs(names=self.names[part], images=cut(self.images), masks=cut(self.masks),
+                      label_maps=cut(self.label_maps), classes=self.classes, seeds=cut(self.seeds),
+                      labels=None if self.labels is None else {name: v[part] for name, v in self.labels.items()})
+
     def counterfactual(self, i: int, **changes: int) -> dict:
         """Synthetic face i re-rendered with attributes changed (same identity): an item of SyntheticFaces."""
         if self.faces is None:
@@ -116,6 +127,18 @@ class Source:
     def load(self, resolution: int) -> Inputs:
         raise NotImplementedError
 
+    def size(self) -> int:
+        """The number of inputs, without reading them (checks the knobs)."""
+        raise NotImplementedError
+
+    def load_range(self, resolution: int, first: int, count: int) -> Inputs:
+        """Inputs first..first+count−1 only: one batch of a large source. This default loads every input once (kept
+        for the next range) and slices; SyntheticSource and ClassFolderSource read only the range."""
+        cached = getattr(self, "_loaded", None)
+        if cached is None or cached[0] != resolution:
+            cached = self._loaded = (resolution, self.load(resolution))
+        return cached[1].take(first, count)
+
 
 def build(spec) -> Source:
     """A source from a config node with `_target_` (e.g. cfg.source), or a source as is."""
@@ -126,6 +149,19 @@ def build(spec) -> Source:
     from hydra.utils import instantiate
 
     return instantiate(spec)
+
+
+@contextlib.contextmanager
+def named_as(knobs: Mapping[str, str]):
+    """Re-raise the InputError of a source a method built from its own knobs with those knobs' names, e.g.
+    {"source.path": "gt_path"}, so the one line names what the user set."""
+    try:
+        yield
+    except InputError as err:
+        message = str(err)
+        for knob, name in knobs.items():
+            message = message.replace(knob, name)
+        raise InputError(message) from None
 
 
 def check_disjoint(source: Source, other_meta: Mapping, what: str = "statistics") -> None:
@@ -176,6 +212,15 @@ class SyntheticSource(Source):
             raise InputError(f"resolution {resolution}: synthetic faces are rendered at 16..1024 px")
         return SyntheticFaces(size=resolution, length=self.count, seed=self.seed, start=self.start, priors=self.priors)
 
+    def size(self) -> int:
+        self.check()
+        return self.count
+
+    def load_range(self, resolution: int, first: int, count: int) -> Inputs:
+        self.check()
+        count = min(count, self.count - first)
+        return SyntheticSource(count, self.seed, self.start + first, self.priors, self.prefix).load(resolution)
+
     def load(self, resolution: int) -> Inputs:
         faces = self.dataset(resolution)
         items = [faces[i] for i in range(len(faces))]
@@ -206,6 +251,10 @@ class SeedSource(Source):
         seeds = list(range(self.seed, self.seed + self.count))
         return Inputs(names=[f"seed{s}" for s in seeds], seeds=seeds)
 
+    def size(self) -> int:
+        self.check()
+        return self.count
+
 
 class ImageFolderSource(Source):
     """The images of `path` (natural order of their stems; the first `count` if given), read by `resize` (module
@@ -217,6 +266,9 @@ class ImageFolderSource(Source):
 
     def check(self) -> None:
         self._listing()
+
+    def size(self) -> int:
+        return len(self._listing()[0])
 
     def load(self, resolution: int) -> Inputs:
         names, paths, _ = self._listing()
@@ -317,8 +369,17 @@ class ClassFolderSource(Source):
     def check(self) -> None:
         self._samples()
 
-    def load(self, resolution: int) -> Inputs:
+    def size(self) -> int:
+        return len(self._samples()[0])
+
+    def load_range(self, resolution: int, first: int = 0, count: int | None = None) -> Inputs:
         samples, classes = self._samples()
+        return self._read(samples[first:None if count is None else first + count], classes, resolution)
+
+    def load(self, resolution: int) -> Inputs:
+        return self.load_range(resolution)
+
+    def _read(self, samples: list[tuple[Path, int, str]], classes: list[str], resolution: int) -> Inputs:
         images = torch.stack([_read_image(path, resolution, self.resize) for path, _, _ in samples])
         attribute = str(self.attribute or Path(str(self.root)).name)
         return Inputs(names=[name for _, _, name in samples], images=images,

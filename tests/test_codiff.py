@@ -14,9 +14,9 @@ from PIL import Image
 
 from conftest import ROOT, compose, run_cli
 from facelab.diffusion import Schedule
-from facelab.diffusion.collab import CollaborativeDenoiser, Reweight, influence, mix
+from facelab.diffusion.collab import CollaborativeDenoiser, Influence, Reweight, influence, mix
 from facelab.io.errors import InputError
-from facelab.io.images import read_mask, save_mask
+from facelab.io.images import read_mask, resize_mask, save_mask
 from facelab.models.codiff import DynamicDiffusers, build_diffuser, check_shared_space, load_collaborative
 from facelab.models.components.conditions import MaskEncoder, TextEncoder
 from facelab.models.latent import LatentModel
@@ -157,6 +157,18 @@ def test_three_modalities_batch_calls_and_records():
     assert record["learned"].shape == record["weights"].shape == (2, 3, 8, 8)
     assert torch.allclose(record["weights"].sum(1), torch.ones(2, 8, 8), atol=1e-5)
     assert torch.allclose(eps, mix(parts, record["weights"][:, :, None]), atol=1e-5)
+    with torch.no_grad():
+        collab(z, 200, cond)
+    taken = collab.take_influence()  # the run's records stacked per step: [B, steps, M, h, w]
+    assert taken.t == [500, 200] and taken.weights.shape == (2, 2, 3, 8, 8) and collab.records == []
+    assert torch.equal(taken.weights[:, 0], record["weights"]) and collab.take_influence() is None
+    both = Influence.cat([taken, taken])
+    means = both.means(["mask", "text", "sketch"], masks[0])
+    face = resize_mask(masks[0], (8, 8)) != 0  # the face at latent resolution
+    assert means["region"] == "face" and len(means["weights"]["text"]) == 2
+    assert math.isclose(means["learned"]["text"][1], float(taken.learned[:, 1, 1][:, face].mean()), abs_tol=1e-4)
+    tiles, t = taken.tiles(columns=10)
+    assert tiles.shape == (2 * 3 * 2, 1, 8, 8) and t == [500, 200]
 
 
 # --- the dynamic diffusers ------------------------------------------------------------------------------------------
@@ -235,12 +247,22 @@ def test_bad_inputs(stages, tmp_path):
     with pytest.raises(InputError) as err:
         read_mask(tmp_path / "rgb.png")
     assert "not a CelebAMask-HQ label map" in one_line(err)
+    np.save(tmp_path / "x_T.npy", np.zeros((2, 3, 4, 4), np.float32))  # the latents are 3×8×8
     base = [f"model.pretrained={stages['codiff']}", "method=codiff", "sampler.steps=2", "num_samples=1",
             "batch_size=1", "progress=false"]
-    for extra, expected in (([f"mask={tmp_path / 'm19.png'}"], "19 classes"), (["text=' '"], "caption is empty")):
+    for i, (extra, expected) in enumerate((
+            ([f"mask={tmp_path / 'm19.png'}"], "19 classes"), (["text=' '"], "caption is empty"),
+            ([f"x_T={tmp_path / 'x_T.npy'}"], "shape [2, 3, 4, 4]; the model needs [1, 3, 8, 8]"),
+            (["num_samples=0"], "num_samples=0, batch_size=1: both must be at least 1"),
+            (["sampler=repaint"], "sampler=repaint resamples for inpainting"),
+            (["+source=synthetic"], "+source: method=codiff reads its own inputs"),
+            (["+eval=[similarity]"], "+eval=[similarity]: method=codiff has no reference image"),
+            (["+eval=[captions]"], "eval.captions.classifier=attr64_eval reads 64 px images"))):
+        run = tmp_path / f"run{i}"
         with pytest.raises(InputError) as err:
-            run_sample(compose("sample", base + extra, tmp_path / f"run{len(expected)}"))
+            run_sample(compose("sample", base + extra + ([f"text={CAPTION}"] if i > 1 else []), run))
         assert expected in one_line(err)
+        assert not (run / "samples").exists()  # refused before anything is written
 
 
 # --- end to end -----------------------------------------------------------------------------------------------------
@@ -282,6 +304,7 @@ def test_train_cli_then_sample_codiff_and_ldm(stages, tmp_path):
     assert list(record["t"]) == [667, 334, 1]
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["network_calls"] == 3 * 4 and metrics["reweight"]["reweight"] == "paper"
+    assert metrics["network_calls_by_kind"] == {"models": 6, "diffusers": 6}  # per run of a batch, counted by hooks
     assert len(metrics["influence"]["weights"]["mask"]) == 3 and metrics["influence"]["region"] == "face"
     assert metrics["warnings"] == ["mask: ear_r not visible at the 8×8 the mask encoder reads (nearest resize)"]
     html = (out / "index.html").read_text()
@@ -305,10 +328,13 @@ def test_zoo_codiff_runs_offline_and_the_evaluation_scores_it(tmp_path):
     whose real-face ceiling shows the evaluators work (the parser and classifier read the real faces near-perfectly)."""
     out = tmp_path / "run"
     res = run_cli("sample", "method=codiff", "num_samples=2", "batch_size=2", "sampler.steps=3", "progress=false",
-                  f"hydra.run.dir={out}")
+                  "+eval=[captions,parsing]", f"hydra.run.dir={out}")
     assert res.returncode == 0, res.stderr[-3000:]
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["modalities"] == ["mask", "text"] and metrics["network_calls"] == 3 * 4
+    scores = metrics["eval"]  # against the default caption and mask, by the held-out classifier and parser
+    assert 0 <= scores["captions"]["accuracy"] <= 1 and scores["captions"]["count"] > 0
+    assert 0 <= scores["parsing"]["miou"] <= 1 and 0 <= scores["parsing"]["pixel_acc"] <= 1
     assert len(list((out / metrics["outputs"]).glob("*_x_0.png"))) == 2
 
     res = subprocess.run([sys.executable, "experiments/codiff/evaluate.py", "--faces", "4", "--steps", "2",

@@ -7,6 +7,7 @@ import csv
 import importlib.util
 import json
 import math
+import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -18,16 +19,17 @@ from hydra.utils import instantiate
 from conftest import CONF, TINY_TRAIN, TINY_UNET, compose, run_cli
 from facelab.diffusion import DDIM, DDPM, Schedule, State, sample
 from facelab.guidance.cyclediff import (
+    RECONSTRUCTION,
     AttributeLoss,
     Context,
     CycleDiffGuidance,
     CycleStepByStep,
     CycleToOrigin,
     StepNoise,
+    parse_edits,
 )
 from facelab.io.errors import InputError
 from facelab.io.images import save_image
-from facelab.methods.cyclediff import RECONSTRUCTION, parse_edits
 from facelab.models.classifier import AttributeClassifier, AttributeNet
 from facelab.models.components.attributes import attribute_unet
 from facelab.models.ddpm import PixelDDPM
@@ -391,17 +393,50 @@ def test_image_inputs_with_labels_or_predicted(tiny, tmp_path):
         assert sorted(p.name for p in (out / "edits").iterdir()) == ["00000_Smiling.png", "00001_Smiling.png"]
 
 
+def test_a_composed_source_gives_the_faces(tiny, tmp_path):
+    faces = tmp_path / "faces"
+    for i in range(3):
+        save_image(torch.rand(3, 24, 24) * 2 - 1, faces / f"img{i}.png")
+    (tmp_path / "attrs.txt").write_text("3\nMale Smiling Eyeglasses Young\nimg0.png 1 -1 -1 1\nimg1.png -1 1 -1 -1\n"
+                                        "img2.png 1 1 1 -1\n")
+    source = ["+source=images", f"source.path={faces}", "source.resize=bicubic", "source.count=2",
+              f"source.attributes={tmp_path / 'attrs.txt'}"]
+    out = tmp_path / "images"
+    metrics = run_sample(compose("sample", ["method=cyclediff", *common(tiny), "attribute=Smiling", *source], out))
+    assert metrics["faces"] == 2 and metrics["source_attributes"] == "labels"
+    assert sorted(p.name for p in (out / "edits").iterdir()) == ["img0_Smiling.png", "img1_Smiling.png"]
+    out = tmp_path / "synthetic"
+    metrics = run_sample(compose("sample", ["method=cyclediff", *common(tiny), "attribute=Smiling", "+source=synthetic",
+                                            "source.count=1", "source.start=900005"], out))
+    assert metrics["edits"]["Smiling"]["ground_truths"] == 1 and (out / "edits" / "face900005_Smiling.png").is_file()
+    with pytest.raises(InputError, match="this source gives none"):
+        run_sample(compose("sample", ["method=cyclediff", *common(tiny), "+source=seeds"], tmp_path / "seeds"))
+
+
+def test_the_evaluator_is_held_out_by_weights_too(tiny, tmp_path):
+    """A copy of a guidance network under another name is refused as the evaluator: of the guidance classifier, or of
+    a feature network."""
+    shutil.copytree(tiny["guide"], tmp_path / "copy")
+    for overrides in ([], [f"method.classifier={tiny['noisy']}", "method.weights.identity=1",
+                           f"method.networks.identity={tiny['guide']}"]):
+        cfg = compose("sample", ["method=cyclediff", *common(tiny), "attribute=Smiling",
+                                 f"method.eval_classifier={tmp_path / 'copy'}", *overrides], tmp_path / "run")
+        with pytest.raises(InputError, match=r"is also a guidance classifier \(.* has the same weights\)"):
+            run_sample(cfg)
+
+
 def bad_inputs(tiny, tmp_path):
     save_image(torch.zeros(3, 32, 32), tmp_path / "big" / "a.png")
     return [
         (["attribute=Laughing"], "attribute=Laughing: not an attribute of the model"),
         (["attribute=0"], r"Goatee \(index 0"),
         (["method.input=images", f"gt_path={tmp_path / 'big'}"], "32x32 px, the model needs 16x16"),
-        (["method.input=images", f"gt_path={CONF.parent / 'tests' / 'fixtures'}"], "no .png/.jpg images"),
+        (["method.input=images", f"gt_path={CONF.parent / 'tests' / 'fixtures'}"], r"gt_path=.*: no images \("),
+        (["method.input=images"], "gt_path: not set"),
         ([f"method.classifier={tiny['other']}"], "has no binary head for Smiling, Eyeglasses, Young"),
         ([f"model.pretrained={tiny['plain']}"], "is not attribute-conditional"),
         (["method.start=edit_friendly", "sampler=ddpm"], "use sampler=ddim"),
-        ([f"method.eval_classifier={tiny['guide']}"], "also the evaluation classifier"),
+        ([f"method.eval_classifier={tiny['guide']}"], "also a guidance classifier"),
         (["method.weights.identity=5"], "needs method.networks.identity"),
         (["method.cycle=both"], "method.cycle=both: use one of origin, step, step_reference, none"),
     ]

@@ -4,6 +4,7 @@ tiny 16 px model, h extraction, the extract → train → sample pipeline throug
 import csv
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -11,17 +12,16 @@ import torch
 import yaml
 
 from conftest import CONF, compose, run_cli
+from facelab.data.hspace import HSpaceDataset
 from facelab.data.layouts import export
 from facelab.data.synthetic import SyntheticFaces
 from facelab.diffusion import Guidance, Schedule, State, ddim_invert, sample
 from facelab.guidance.debias import HSpaceDebias, ImageDebias, Objective
 from facelab.io.errors import InputError
-from facelab.methods.fuzzy_stats import model_fingerprint
-from facelab.methods.hextract import HSpaceDataset
 from facelab.metrics.attributes import class_fractions, fairness_discrepancy, feature_frechet, frechet_distance
 from facelab.models.classifier import AttributeClassifier, load_classifier
 from facelab.models.hclassifier import HNet, save_hclassifier
-from facelab.models.pretrained import load_denoiser
+from facelab.models.pretrained import load_denoiser, model_fingerprint
 from facelab.sample import run_sample
 
 GRID4 = [750, 500, 250, 0]  # sampler.steps=4, leading spacing
@@ -439,6 +439,7 @@ BAD = {
     "mode": (["mode=fair"], "mode='fair'"),
     "no_hclf": (["method.hclf=/nonexistent/hclf"], "h-classifier /nonexistent/hclf: not found"),
     "asymmetric_ddpm": (["method.asymmetric=true", "sampler=ddpm", "sampler.steps=4"], "needs sampler=ddim"),
+    "frechet_of_one": (["num_samples=1", "method.real_faces.num=4"], "Fréchet distance needs at least 2"),
 }
 
 
@@ -459,6 +460,20 @@ def test_bad_input_is_one_clear_error(case, tiny_model_dir, hclf_dir, classifier
                                       f"method.eval_classifier={classifiers / 'eval'}", "num_samples=2", *FAST,
                                       *overrides], out))
     assert sorted(p.name for p in out.iterdir()) == ["config.yaml"]
+
+
+def test_the_evaluator_is_held_out_from_guidance(tiny_model_dir, classifiers, tmp_path):
+    """Universal guidance by the evaluation classifier, or by a copy of it under another name, is refused up front."""
+    shutil.copytree(classifiers / "eval", tmp_path / "copy")
+    for guide in (classifiers / "eval", tmp_path / "copy"):
+        out = tmp_path / f"run_{guide.name}"
+        with pytest.raises(InputError, match="is also a guidance classifier.*guidance must not see the evaluator"):
+            run_sample(compose("sample", ["method=debias", f"model.pretrained={tiny_model_dir}", "mode=sample",
+                                          "target.Male=1", "method.universal_guidance=true",
+                                          f"method.guidance_classifier={guide}",
+                                          f"method.eval_classifier={classifiers / 'eval'}", "num_samples=2", *FAST],
+                               out))
+        assert sorted(p.name for p in out.iterdir()) == ["config.yaml"]
 
 
 def test_bad_target_from_the_cli(tiny_model_dir, hclf_dir, tmp_path):

@@ -9,10 +9,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from facelab.methods.fuzzy_stats import model_fingerprint
 from facelab.models.classifier import AttributeClassifier
 from facelab.models.hclassifier import HNet, load_hclassifier, save_hclassifier
-from facelab.models.pretrained import load_denoiser
+from facelab.models.pretrained import load_denoiser, model_fingerprint
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 GRID4 = [750, 500, 250, 0]  # sampler.steps=4, leading spacing

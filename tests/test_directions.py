@@ -5,15 +5,15 @@ import torch
 from diffusers import UNet2DModel
 from omegaconf import OmegaConf
 
-from conftest import TINY_UNET, run_cli
+from conftest import TINY_UNET, compose, run_cli
 from facelab.data.synthetic import SEG, SEG_CLASSES
-from facelab.diffusion import DDIM, Denoiser, Schedule, sample
+from facelab.diffusion import DDIM, Denoiser, DPMSolverPP2M, Schedule, hspace, sample
 from facelab.directions import discover as maths
 from facelab.directions.files import Directions
+from facelab.directions.regions import parser_labels, region_classes, region_mask
 from facelab.directions.trajectory import run_trajectory, seed_noise
 from facelab.guidance.hedit import HEdit
 from facelab.io.errors import InputError
-from facelab.methods.directions import Sources, region_classes, region_mask
 from facelab.models.classifier import AttributeClassifier
 from facelab.models.parser import FaceParser, ParserNet
 
@@ -30,6 +30,15 @@ def denoiser():
 def tiny_classifier(tmp_path_factory):
     torch.manual_seed(0)
     folder = tmp_path_factory.mktemp("clf")
+    AttributeClassifier(["Male", "Smiling", "Young"], {"skin_tone": 3}, channels=(8, 16), image_size=16).export(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_eval_classifier(tmp_path_factory):
+    """Another classifier with the same heads: the held-out evaluator of the supervised runs."""
+    torch.manual_seed(1)
+    folder = tmp_path_factory.mktemp("eval")
     AttributeClassifier(["Male", "Smiling", "Young"], {"skin_tone": 3}, channels=(8, 16), image_size=16).export(folder)
     return folder
 
@@ -92,13 +101,13 @@ def test_seed_noise_depends_only_on_the_seed():
 def test_hedit_adds_delta_in_the_window_only(denoiser):
     grid = [900, 600, 300, 0]
     x_T, noises = seed_noise([0, 1], (3, 16, 16), len(grid), "cpu")
-    plain = run_trajectory(denoiser, x_T, noises, grid, eta=1.0)
+    plain = run_trajectory(denoiser, x_T, noises, DDIM(eta=1.0, clip=False), timesteps=grid)
     same = sample(denoiser, SCHEDULE, x_T, grid, sampler=DDIM(eta=1.0, clip=False), noises=noises, progress=False)
     torch.testing.assert_close(plain.x0, same)  # recording h changes nothing
     h_shape = plain.hs.shape[2:]
     delta = {600: torch.randn(h_shape)}
     edit = HEdit(delta, torch.tensor([0.0, 2.0]), record=True)
-    edited = run_trajectory(denoiser, x_T, noises, grid, eta=1.0, edit=edit)
+    edited = run_trajectory(denoiser, x_T, noises, DDIM(eta=1.0, clip=False), edit=edit, timesteps=grid)
     torch.testing.assert_close(edited.x0[0], plain.x0[0])      # scale 0 reproduces the source
     assert not torch.allclose(edited.x0[1], plain.x0[1])
     torch.testing.assert_close(edited.hs[:, :2], plain.hs[:, :2])  # steps before 600 are untouched
@@ -136,7 +145,7 @@ def test_direction_file_roundtrip_and_checks(tmp_path):
         e.check("xyz", "after", [900, 500, 0])
     with pytest.raises(InputError, match="h_space=after"):
         e.check("abc", "before", [900, 500, 0])
-    with pytest.raises(InputError, match="method.steps=3"):
+    with pytest.raises(InputError, match="sampler.steps=3"):
         e.check("abc", "after", [900, 0])
     with pytest.raises(InputError, match="index=5"):
         e.delta(5)
@@ -145,7 +154,7 @@ def test_direction_file_roundtrip_and_checks(tmp_path):
         Directions.load(tmp_path / "junk.safetensors")
 
 
-TINY = ["method.steps=3", "method.edit_seeds=2", "batch_size=4", "progress=false", "method.eval_classifier=null"]
+TINY = ["sampler.steps=3", "method.edit_seeds=2", "batch_size=4", "progress=false", "method.eval_classifier=null"]
 
 
 def test_cli_pca_discover_then_apply(tmp_path, tiny_model_dir):
@@ -164,17 +173,17 @@ def test_cli_pca_discover_then_apply(tmp_path, tiny_model_dir):
     assert result.returncode == 0, result.stderr[-3000:]
     assert sorted(p.name for p in (applied / "edits").glob("seed1_*")) == ["seed1_1_-1.png", "seed1_1_1.png"]
     # the same file on another grid is refused with a fix
-    result = run_cli("sample", "method=directions", f"apply={run / 'directions.safetensors'}", "method.steps=4",
+    result = run_cli("sample", "method=directions", f"apply={run / 'directions.safetensors'}", "sampler.steps=4",
                      f"model.pretrained={tiny_model_dir}", *TINY[1:], f"hydra.run.dir={tmp_path / 'bad'}", cwd=tmp_path)
-    assert result.returncode == 2 and "method.steps=3" in result.stderr and "Traceback" not in result.stderr
+    assert result.returncode == 2 and "sampler.steps=3" in result.stderr and "Traceback" not in result.stderr
 
 
-def test_cli_supervised_conditional_and_real_images(tmp_path, tiny_model_dir, tiny_classifier):
+def test_cli_supervised_conditional_and_real_images(tmp_path, tiny_model_dir, tiny_classifier, tiny_eval_classifier):
     run = tmp_path / "cond"
     common = [f"model.pretrained={tiny_model_dir}", *TINY, f"method.classifier={tiny_classifier}",
               "method.idx_size=8", "method.num_examples=2"]
     result = run_cli("sample", "method=directions", "discover=conditional", "attribute=Smiling", "condition=[Male]",
-                     *common, f"method.eval_classifier={tiny_classifier}", "method.input=synthetic",
+                     *common, f"method.eval_classifier={tiny_eval_classifier}", "method.input=synthetic",
                      "method.inversion=edit_friendly", "scales=[0,1]", f"hydra.run.dir={run}", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.loads((run / "metrics.json").read_text())
@@ -191,16 +200,18 @@ def test_region_mask_from_parser_is_the_union_of_the_region_classes():
     parser = ParserNet((8,), image_size=4, classes=SEG_CLASSES[::-1])  # numbered unlike the ground truth
     own = torch.tensor([[parser.classes.index(n) for n in row] for row in names])
     parser.forward = lambda x: torch.nn.functional.one_hot(own, 19).permute(2, 0, 1)[None].float()  # set logits
-    sources = Sources(["seed7"], torch.zeros(1, 3, 4, 4), torch.zeros(2, 1, 3, 4, 4), 1.0)
+    labels = parser_labels(parser, torch.zeros(3, 4, 4))
+    assert labels.tolist() == [[SEG[n] for n in row] for row in names]  # renumbered as the ground truth
     for region, wanted in [("mouth", {"mouth", "u_lip", "l_lip"}), (["eye", "hair"], {"l_eye", "r_eye", "hair"}),
                            ("brow", {"l_brow", "r_brow"}), ("skin", {"skin"})]:
-        cfg = OmegaConf.create({"method": {"region": region, "input": "samples", "parser": "stub"}})
-        mask, origin = region_mask(cfg, sources, region_classes(cfg), parser, torch.zeros(3, 4, 4))
+        mask = region_mask(labels, region_classes(region), region, "parser:stub", "seed7")
         expected = torch.tensor([[[float(n in wanted) for n in row] for row in names]])
-        assert origin == "parser:stub" and torch.equal(mask, expected), region
-    cfg = OmegaConf.create({"method": {"region": "eyeglasses", "input": "samples", "parser": "stub"}})
+        assert torch.equal(mask, expected), region
     with pytest.raises(InputError, match="region=eyeglasses: parser:stub finds no such pixels on seed7"):
-        region_mask(cfg, sources, region_classes(cfg), parser, torch.zeros(3, 4, 4))
+        region_mask(labels, region_classes("eyeglasses"), "eyeglasses", "parser:stub", "seed7")
+    with pytest.raises(InputError, match="region=nostril: unknown"):
+        region_classes(["mouth", "nostril"])
+    assert region_classes(None) is None
 
 
 def test_cli_jacobian_region_on_samples_uses_the_parser(tmp_path, tiny_model_dir, tiny_parser):
@@ -251,7 +262,7 @@ def test_celebahq_256_architecture_from_a_local_folder(tmp_path):
     UNet2DModel.from_config(config).save_pretrained(folder / "unet")
     shutil.copytree(FIXTURE / "scheduler", folder / "scheduler")
     run = tmp_path / "run"
-    result = run_cli("sample", "method=directions", "discover=pca", "num_samples=2", "batch_size=2", "method.steps=2",
+    result = run_cli("sample", "method=directions", "discover=pca", "num_samples=2", "batch_size=2", "sampler.steps=2",
                      "method.edit_seeds=1", "num_directions=1", "scales=[0,3]", "method.eval_classifier=null",
                      "progress=false", f"model.pretrained={folder}", f"hydra.run.dir={run}", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -268,3 +279,43 @@ def test_supervised_balanced_takes_half_from_each_group():
     assert sorted(pos.tolist()) == [0, 4] and sorted(neg.tolist()) == [3, 7]
     with pytest.raises(ValueError, match="per group"):
         maths.supervised(hs, scores, 6, groups)
+
+
+def test_trajectory_follows_the_sampler_grid_and_records_h_where_asked(denoiser):
+    sampler = DDIM(steps=3, eta=1.0, clip=False)
+    x_T, noises = seed_noise([0, 1], (3, 16, 16), 3, "cpu")
+    recorded = {}
+    for where in ("after", "before"):
+        traj = run_trajectory(denoiser, x_T, noises, sampler, where=where)
+        with hspace(denoiser.unet, where, capture=True) as hs:
+            x0 = sample(denoiser, SCHEDULE, x_T, sampler=sampler, noises=noises, progress=False)
+        torch.testing.assert_close(traj.x0, x0)
+        torch.testing.assert_close(traj.hs, torch.stack(hs, 1))
+        recorded[where] = traj.hs
+    assert not torch.allclose(recorded["after"], recorded["before"])
+
+
+def test_samplers_decode_seeds_and_what_cannot_work_is_refused(tmp_path, tiny_model_dir, tiny_classifier):
+    from facelab.sample import run_sample
+
+    base = ["method=directions", "discover=pca", "num_samples=4", "batch_size=4", "method.edit_seeds=1",
+            "num_directions=1", "scales=[0,2]", "progress=false", "device=cpu", "method.eval_classifier=null",
+            f"model.pretrained={tiny_model_dir}", f"paths.cache_dir={tmp_path / 'cache'}"]
+    cfg = compose("sample", [*base, "sampler=dpmpp_2m", "sampler.steps=3"], tmp_path / "dpm")
+    before = OmegaConf.to_container(cfg)
+    metrics = run_sample(cfg)
+    assert OmegaConf.to_container(cfg) == before  # the method never writes into its config
+    assert metrics["sampler"] == "dpmpp_2m" and metrics["steps"] == 3 and metrics["eta"] is None
+    found = Directions.load(tmp_path / "dpm" / "directions.safetensors")
+    assert found.timesteps == DPMSolverPP2M(steps=3).timesteps(SCHEDULE) and found.meta["sampler"] == "dpmpp_2m"
+    refused = [
+        (["sampler=repaint", "sampler.steps=4", "sampler.jump_length=2", "sampler.jump_n_sample=2"], "sampler=repaint"),
+        (["sampler=dpmpp_2m", "method.input=synthetic"], "use sampler=ddim, not sampler=dpmpp_2m"),
+        (["sampler=ddpm", "sampler.steps=3", "method.asyrp=true"], "needs sampler=ddim, not sampler=ddpm"),
+        (["discover=supervised", "attribute=Smiling", f"method.classifier={tiny_classifier}",
+          f"method.eval_classifier={tiny_classifier}"], "guidance must not see the evaluator"),
+    ]
+    for k, (overrides, message) in enumerate(refused):
+        with pytest.raises(InputError, match=message):
+            run_sample(compose("sample", [*base, *overrides], tmp_path / f"bad{k}"))
+        assert not (tmp_path / f"bad{k}" / "metrics.json").exists()

@@ -22,13 +22,14 @@ from facelab.evaluators import (
 )
 from facelab.guidance.debias import target_distributions
 from facelab.io.errors import InputError
-from facelab.methods import cyclediff, debias, fuzzy
+from facelab.methods import cyclediff, fuzzy
 from facelab.metrics.attributes import class_fractions, fairness_discrepancy
 from facelab.metrics.captions import caption_consistency
 from facelab.metrics.parsing import mask_consistency
 from facelab.models.classifier import AttributeClassifier, load_classifier
 from facelab.models.parser import FaceParser, load_parser
 from facelab.models.pretrained import ZOO_DIR
+from facelab.sources import Inputs
 
 HELD_OUT = "guidance must not see the evaluator"
 
@@ -63,6 +64,34 @@ def attributes(nets, **kwargs):
 
 
 # --- attributes: method=debias ---------------------------------------------------------------------------------------
+@torch.no_grad()
+def _debias_evaluate(net, x, batch_size):
+    """method=debias' evaluation before it scored with the evaluator: hard labels and features, resized."""
+    from facelab.io.images import resize_images
+
+    labels, features = {}, []
+    for chunk in x.split(batch_size):
+        chunk = resize_images(chunk, net.image_size)
+        for head, probs in net.predict(chunk).items():
+            labels.setdefault(head, []).append(probs.argmax(1))
+        features.append(net.features(chunk))
+    return {"labels": {head: torch.cat(v) for head, v in labels.items()}, "features": torch.cat(features)}
+
+
+@torch.no_grad()
+def _debias_frechet(cfg, net, features):
+    """method=debias' Fréchet distance before the evaluator: to method.real_faces synthetic faces in its features."""
+    from facelab.data.synthetic import SyntheticFaces
+    from facelab.metrics.attributes import feature_frechet
+
+    real = cfg.method.real_faces
+    faces = SyntheticFaces(size=net.image_size, length=real.num, seed=real.seed, start=real.start,
+                           priors=OmegaConf.to_container(real.priors, resolve=True))
+    reference = torch.cat([net.features(torch.stack([faces[i]["image"] for i in range(first, min(
+        first + cfg.batch_size, real.num))])) for first in range(0, real.num, cfg.batch_size)])
+    return {"frechet": feature_frechet(features, reference), "frechet_real_faces": int(real.num)}
+
+
 @pytest.mark.parametrize("size", [16, 32])
 def test_attributes_reproduce_debias_evaluate_and_frechet(nets, size, tmp_path):
     cfg = compose("sample", ["method=debias", f"method.eval_classifier={nets / 'eval'}", "method.real_faces.num=6",
@@ -72,8 +101,8 @@ def test_attributes_reproduce_debias_evaluate_and_frechet(nets, size, tmp_path):
     evaluator = build_evaluators(cfg)["attributes"]
     x = images(7, size)  # chunks of 3, 3, 1; 32 px images are resized to the classifier's 16 px, as debias does
     net = load_classifier(cfg.method.eval_classifier)
-    today = debias.evaluate(net, x, cfg.batch_size)
-    today.update(debias.frechet(cfg, net, today["features"]))
+    today = _debias_evaluate(net, x, cfg.batch_size)
+    today.update(_debias_frechet(cfg, net, today["features"]))
     target = {"Male": 0.3, "skin_tone": [0.2, 0.3, 0.5]}
     score = evaluator.score(x, targets=target)
 
@@ -99,6 +128,26 @@ def test_reference_features_are_computed_once(nets):
 
 
 # --- similarity: method=fuzzy, method=cyclediff, method=directions ---------------------------------------------------
+def _fuzzy_psnr(x, reference, region=None):
+    """method=fuzzy's region PSNR before it scored with the evaluator (pooled over the region's elements)."""
+    squared = (x.clamp(-1, 1) - reference) ** 2
+    if region is not None:
+        if not region.any():
+            return None
+        squared = squared[region.expand_as(squared)]
+    return (10 * torch.log10(4 / squared.mean().clamp(min=1e-12))).item()
+
+
+def _fuzzy_ssim(x, reference, region=None):
+    """method=fuzzy's region SSIM before it scored with the evaluator (the SSIM map's mean over the region)."""
+    from torchmetrics.functional.image import structural_similarity_index_measure
+
+    if region is not None and not region.any():
+        return None
+    _, full = structural_similarity_index_measure(x.clamp(-1, 1), reference, data_range=2.0, return_full_image=True)
+    return full.mean().item() if region is None else full[region.expand_as(full)].mean().item()
+
+
 def test_pooled_similarity_is_fuzzys_region_psnr_and_ssim():
     gen = torch.Generator().manual_seed(3)
     results = {"clean": images(3, 32, seed=1), "gt_image": images(3, 32, seed=2),
@@ -114,24 +163,59 @@ def test_pooled_similarity_is_fuzzys_region_psnr_and_ssim():
                 ours = score[metric if where == "all" else f"{metric}_{where}"]
                 assert ours == today[f"{metric}_{where}_{when}"]
                 region = {"inside": inside, "outside": ~inside, "all": None}[where]
-                assert ours == getattr(fuzzy, metric)(results[key], results["clean"], region)
+                assert ours == {"psnr": _fuzzy_psnr, "ssim": _fuzzy_ssim}[metric](results[key], results["clean"], region)
     assert score["region_fraction"] == today["degraded_fraction"]
     empty = evaluator.score(results["inpainted"], results["clean"], torch.zeros(3, 1, 32, 32, dtype=torch.bool))
-    assert empty["psnr_inside"] is None is empty["ssim_inside"] is fuzzy.psnr(results["inpainted"], results["clean"],
-                                                                                torch.zeros(3, 1, 32, 32).bool())
-    assert empty["psnr_outside"] == fuzzy.psnr(results["inpainted"], results["clean"])
+    assert empty["psnr_inside"] is None is empty["ssim_inside"] is _fuzzy_psnr(results["inpainted"], results["clean"],
+                                                                               torch.zeros(3, 1, 32, 32).bool())
+    assert empty["psnr_outside"] == _fuzzy_psnr(results["inpainted"], results["clean"])
+
+
+@torch.no_grad()
+def _cyclediff_scores(images, y_src, flips, edited, truth, net, attributes, batch_size):
+    """method=cyclediff's per-edit scores before it scored with the evaluators (inputs without renderer truth)."""
+    from facelab.io.images import resize_images
+    from facelab.metrics.images import l1, psnr, ssim
+
+    entry, found = {}, [i for i, item in enumerate(truth) if item is not None]
+    if not flips:
+        entry.update(psnr=float(psnr(edited, images).mean()), ssim=float(ssim(edited, images).mean()),
+                     l1=float(l1(edited, images).mean()))
+    elif found:
+        reference = torch.stack([truth[i]["image"] for i in found])
+        entry.update(ground_truths=len(found), psnr=float(psnr(edited[found], reference).mean()),
+                     ssim=float(ssim(edited[found], reference).mean()),
+                     psnr_input=float(psnr(images[found], reference).mean()),
+                     ssim_input=float(ssim(images[found], reference).mean()))
+    if net is None:
+        return entry
+    columns = [attributes.index(a) for a in flips]
+    expected = (y_src > 0).float()
+    expected[:, columns] = 1 - expected[:, columns]
+    flipped = torch.zeros(len(attributes), dtype=torch.bool)
+    flipped[columns] = True
+    for suffix, x in (("", edited), ("_input", images)):
+        probs = [net.predict(resize_images(chunk, net.image_size)) for chunk in x.split(batch_size)]
+        correct = torch.cat([torch.stack([p[a][:, 1] > 0.5 for a in attributes], 1).float() for p in probs]) == expected
+        if flips:
+            entry[f"flip_rate{suffix}"] = float(correct[:, flipped].all(1).float().mean())
+        entry[f"preservation{suffix}"] = float(correct[:, ~flipped].float().mean())
+        if not suffix:
+            entry["preserved"] = {a: float(correct[:, j].float().mean()) for j, a in enumerate(attributes)
+                                  if not flipped[j]}
+    return entry
 
 
 def test_per_image_similarity_and_attribute_rates_are_cyclediffs(nets):
     names, attrs = [f"face{i}" for i in range(5)], ["Male", "Smiling"]
     source, edited = images(5, seed=5), images(5, seed=6)
     y_src = torch.tensor([[1, -1], [-1, -1], [1, 1], [-1, 1], [1, -1]], dtype=torch.float32)
-    faces = cyclediff.Faces(names, source, y_src, "labels")
     truth = [{"image": images(1, seed=10 + i)[0]} if i in (0, 2, 3) else None for i in range(5)]
-    cfg = OmegaConf.create({"batch_size": 2})
     net = load_classifier(nets / "eval")
-    today = cyclediff.evaluate_edit(cfg, faces, ["Smiling"], edited, truth, net, attrs)
+    today = _cyclediff_scores(source, y_src, ["Smiling"], edited, truth, net, attrs, 2)
     similarity, rates = SimilarityEvaluator(), attributes(nets, batch_size=2)
+    inputs = Inputs(names, images=source)
+    assert cyclediff.score_edit(inputs, y_src, ["Smiling"], edited, truth, attrs, similarity, rates) == today
 
     found = [0, 2, 3]
     reference = torch.stack([truth[i]["image"] for i in found])
@@ -148,9 +232,11 @@ def test_per_image_similarity_and_attribute_rates_are_cyclediffs(nets):
         assert score["preservation"] == today[f"preservation{suffix}"]
     assert rates.score(edited, expected=expected, flipped=["Smiling"])["preserved"] == today["preserved"]
 
-    reconstruction = cyclediff.evaluate_edit(cfg, faces, [], edited, [None] * 5, None, attrs)
+    reconstruction = _cyclediff_scores(source, y_src, [], edited, [None] * 5, None, attrs, 2)
     ours = similarity.score(edited, source)
     assert {k: ours[k] for k in ("psnr", "ssim", "l1")} == reconstruction
+    off = AttributeEvaluator(None, real_faces={"num": 0}, device="cpu")
+    assert cyclediff.score_edit(inputs, y_src, [], edited, [None] * 5, attrs, similarity, off) == reconstruction
 
 
 def test_per_image_psnr_and_probabilities_are_directions(nets):

@@ -14,11 +14,12 @@ from conftest import TINY_UNET, compose, run_cli
 from facelab.data.layouts import export
 from facelab.data.synthetic import SyntheticFaces
 from facelab.diffusion import DDPM, Guidance, Schedule, sample
-from facelab.guidance.fuzzy import FuzzyBlend, fuzzy_blend, log_retention, per_time_weight
+from facelab.diffusion.projection import RunningMoments, load_stats, project, read_stats, save_stats
+from facelab.fuzzy_stats import compute_stats
+from facelab.guidance.fuzzy import FuzzyBlend, fuzzy_blend, log_retention, per_time_weight, reduce_mask
 from facelab.io.errors import InputError
-from facelab.methods.fuzzy import auroc_ap, reduce_mask, self_degrade
-from facelab.methods.fuzzy_stats import RunningMoments, compute_stats, load_stats, project, read_stats, save_stats
-from facelab.models.pretrained import load_denoiser
+from facelab.metrics.anomaly import auroc_ap, self_degrade
+from facelab.models.pretrained import load_denoiser, model_fingerprint
 from facelab.sample import run_sample
 
 # Projection depths and stride small enough for seconds on a CPU: grids 19, 9 and 39, 29, 19, 9.
@@ -173,30 +174,31 @@ def test_projection_is_one_batched_pass_with_shared_noise(offset):
 
 
 def test_stats_round_trip_and_metadata_checks(stats_file, tiny_model_dir, tmp_path):
-    denoiser = load_denoiser(str(tiny_model_dir))
+    tiny = model_fingerprint(load_denoiser(str(tiny_model_dir)))
     tensors, meta = read_stats(stats_file)
     assert meta["depths"] == [20, 40] and meta["N"] == 4 and meta["resolution"] == 16
     assert meta["projection_step"] == 50 and meta["projection_offset"] is True and meta["faces"]["start"] == 0
-    mean, std, _ = load_stats(stats_file.parent, denoiser, "tiny", [40], True, 50)
+    mean, std, _ = load_stats(stats_file.parent, tiny, 16, "tiny", [40], True, 50)
     assert mean.shape == std.shape == (1, 3, 16, 16) and mean.dtype == torch.float64
     assert torch.equal(mean[0], tensors["mean"][1]) and torch.all(std > 0)
 
     with pytest.raises(InputError, match="no statistics for depth"):
-        load_stats(stats_file, denoiser, "tiny", [30], True, 50)
+        load_stats(stats_file, tiny, 16, "tiny", [30], True, 50)
     with pytest.raises(InputError, match="projection convention"):
-        load_stats(stats_file, denoiser, "tiny", [20], True, 1)
+        load_stats(stats_file, tiny, 16, "tiny", [20], True, 1)
     with pytest.raises(InputError, match="zscore_N=1000"):
-        load_stats(stats_file, denoiser, "tiny", [20], True, 50, N=1000)
+        load_stats(stats_file, tiny, 16, "tiny", [20], True, 50, N=1000)
     with pytest.raises(InputError, match="computed for model .* not for model.pretrained=other"):
-        load_stats(stats_file, load_denoiser(str(other_model(tmp_path / "other", 1))), "other", [20], True, 50)
+        load_stats(stats_file, model_fingerprint(load_denoiser(str(other_model(tmp_path / "other", 1)))), 16, "other",
+                   [20], True, 50)
     moments = RunningMoments()
     moments.update(torch.rand(2, 1, 3, 32, 32))
     wrong_size = save_stats(tmp_path / "s32.safetensors", moments, [20], {**meta, "resolution": 32})
     with pytest.raises(InputError, match="32 px"):
-        load_stats(wrong_size, denoiser, "tiny", [20], True, 50)
+        load_stats(wrong_size, tiny, 16, "tiny", [20], True, 50)
     (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(InputError, match="not a safetensors"):
-        load_stats(tmp_path / "junk.safetensors", denoiser, "tiny", [20], True, 50)
+        load_stats(tmp_path / "junk.safetensors", tiny, 16, "tiny", [20], True, 50)
     before = stats_file.read_bytes()
     with pytest.raises(FileExistsError):
         compute_stats(compose("fuzzy_stats", [f"model.pretrained={tiny_model_dir}", "N=4", f"out={stats_file}"],
@@ -247,6 +249,20 @@ def test_modulate_mode_with_image_and_mask_folders(tiny_model_dir, tmp_path):
     assert list(np.load(out / "maps" / "000001.npz")["m_applied_dt1"].shape) == [3, 16, 16]
 
 
+def test_composed_source_gives_the_inputs(tiny_model_dir, folders, tmp_path):
+    """+source=NAME replaces gt_path / method.faces: its count, names and keep-masks."""
+    out = tmp_path / "run"
+    metrics = run_sample(fuzzy_cfg(tiny_model_dir, out, "mode=mask", "+source=synthetic", "source.count=3",
+                                   "source.start=900005"))
+    assert metrics["num_images"] == 3
+    assert sorted(p.stem for p in (out / "inpainted").iterdir()) == [f"face{900005 + i}" for i in range(3)]
+    out = tmp_path / "images"
+    run_sample(fuzzy_cfg(tiny_model_dir, out, "+source=image_masks", f"source.path={folders / 'images'}",
+                         f"source.keep_masks={folders / 'masks'}", "mode=mask"))
+    used = _png(out / "mask_used" / "000001.png").astype(int)
+    assert np.abs(used - _png(folders / "masks" / "000001.png").astype(int)[..., None]).max() <= 1  # m = the mask
+
+
 def test_zscore_self_degrade_cli_writes_every_output(tiny_model_dir, stats_file, tmp_path):
     out = tmp_path / "run"
     res = run_cli("sample", "method=fuzzy", f"model.pretrained={tiny_model_dir}", "mode=zscore", "self_degrade=true",
@@ -277,7 +293,8 @@ def folders(tmp_path) -> Path:
 
 
 @pytest.mark.parametrize("case", ["missing_mask", "mask_size", "not_an_image", "mask_s", "mode", "depth",
-                                  "stats_of_other_model", "test_faces_in_stats", "no_mask_path"])
+                                  "stats_of_other_model", "test_faces_in_stats", "no_mask_path", "no_gt_folder",
+                                  "source_and_gt_path", "source_without_masks"])
 def test_bad_input_is_one_clear_error(case, folders, tiny_model_dir, stats_file, tmp_path):
     images, masks = folders / "images", folders / "masks"
     model = tiny_model_dir
@@ -307,7 +324,16 @@ def test_bad_input_is_one_clear_error(case, folders, tiny_model_dir, stats_file,
         message = "statistics were computed for model"
     elif case == "test_faces_in_stats":
         overrides = ["mode=zscore", DEPTHS, f"zscore_path={stats_file}", "method.faces.start=2"]
-        message = "overlap the 4 statistics faces"
+        message = "^method.faces.start=2: .* overlap the 4 statistics faces .*choose another method.faces.start"
+    elif case == "no_gt_folder":  # the default source's errors name this method's knobs
+        overrides = [f"gt_path={tmp_path / 'nowhere'}"]
+        message = "^gt_path=.*nowhere: no such folder"
+    elif case == "source_and_gt_path":
+        overrides = [f"gt_path={images}", "+source=synthetic"]
+        message = "and \\+source both give the inputs"
+    elif case == "source_without_masks":
+        overrides = ["mode=mask", "+source=images", f"source.path={images}"]
+        message = "mode=mask needs keep-masks: compose \\+source=image_masks"
     else:
         overrides = ["mode=mask", f"gt_path={images}"]
         message = "mode=mask needs mask_path"

@@ -9,8 +9,8 @@ import pytorch_lightning as pl
 import torch
 
 from facelab.data.datamodule import FaceDataModule
+from facelab.data.hspace import FORMAT, HSpaceDataset, ShardWriter
 from facelab.io.errors import InputError
-from facelab.methods.hextract import FORMAT, HSpaceDataset, ShardWriter
 from facelab.models.hclassifier import HClassifier, HNet, load_hclassifier, save_hclassifier
 
 GRID = [900, 500, 100]

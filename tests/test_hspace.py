@@ -108,3 +108,39 @@ def test_h_module_locations():
     assert h_module(unet, "middle") is unet.mid_block.resnets[1].norm2
     with pytest.raises(ValueError, match="location"):
         h_module(unet, "inside")
+
+
+def test_hextract_inverts_any_labelled_source_in_batches(tiny_model_dir, tmp_path):
+    """method=hextract with +source=images and a CelebA-style attribute file: the file's labels, every image inverted
+    in the run's batches (load_range)."""
+    from conftest import compose
+    from facelab.data.hspace import HSpaceDataset
+    from facelab.diffusion import ddim_invert
+    from facelab.io.errors import InputError
+    from facelab.io.images import save_image
+    from facelab.models.pretrained import load_denoiser
+    from facelab.sample import run_sample
+    from facelab.sources import ImageFolderSource
+
+    gen = torch.Generator().manual_seed(0)
+    for name in ("a", "b", "c"):
+        save_image(torch.rand(3, 16, 16, generator=gen) * 2 - 1, tmp_path / "faces" / f"{name}.png")
+    (tmp_path / "attrs.txt").write_text("3\nMale Smiling\na.png 1 -1\nb.png -1 -1\nc.png 1 1\n")
+    base = ["method=hextract", f"model.pretrained={tiny_model_dir}", "sampler.steps=3", "batch_size=2",
+            "progress=false", "device=cpu", "+source=images", f"source.path={tmp_path / 'faces'}",
+            f"source.attributes={tmp_path / 'attrs.txt'}"]
+    metrics = run_sample(compose("sample", [*base, "method.attributes=[Smiling,Male]"], tmp_path / "run"))
+    dataset = HSpaceDataset(tmp_path / "run" / "hspace")
+    assert metrics["num_images"] == 3 and dataset.meta["attributes"] == {"Smiling": 2, "Male": 2}
+    assert dataset.meta["label_source"] == "source:ImageFolderSource" and metrics["network_calls_per_image"] == 3
+    assert [dataset[i]["labels"].tolist() for i in range(3)] == [[0, 1], [0, 0], [1, 1]]
+    denoiser = load_denoiser(str(tiny_model_dir), "cpu")
+    images = ImageFolderSource(tmp_path / "faces").load(16).images
+    hs = torch.cat([ddim_invert(denoiser, denoiser.schedule, batch, metrics["grid"], capture_h="after",
+                                progress=False).hs for batch in images.split(2)], 1)  # the run's batches
+    for i in range(3):
+        torch.testing.assert_close(dataset[i]["h"].float(), hs[:, i].flatten(1).half().float())
+    with pytest.raises(InputError, match=r"method.attributes=\['Young'\]: give some of the inputs' labels Male"):
+        run_sample(compose("sample", [*base, "method.attributes=[Young]"], tmp_path / "bad"))
+    with pytest.raises(InputError, match="method.source=trajectory samples its own faces"):
+        run_sample(compose("sample", [*base, "method.source=trajectory"], tmp_path / "bad2"))

@@ -31,9 +31,9 @@ from pathlib import Path
 
 import torch
 
+from facelab.guidance.cyclediff import RECONSTRUCTION, REFERENCE_ATTRIBUTES, REFERENCE_EDITABLE, STARTS
 from facelab.io.grids import save_grid
 from facelab.io.images import read_image
-from facelab.methods.cyclediff import RECONSTRUCTION, REFERENCE_ATTRIBUTES, REFERENCE_EDITABLE, STARTS
 from facelab.sample import run_cell
 
 HERE = Path(__file__).resolve().parent

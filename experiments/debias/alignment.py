@@ -31,7 +31,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from evaluate import HERE, ROOT, Cells
-from facelab.methods.hextract import shard_paths
+from facelab.data.hspace import shard_paths
 from facelab.models.hclassifier import load_hclassifier, save_hclassifier
 
 TARGET = 0.3

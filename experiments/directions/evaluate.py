@@ -27,13 +27,13 @@ from pathlib import Path
 import torch
 
 from facelab.data.synthetic import SEG, SyntheticFaces
-from facelab.diffusion import edit_friendly_invert
+from facelab.diffusion import DDIM, edit_friendly_invert
 from facelab.directions.files import Directions
 from facelab.directions.jacobian import masked_eps_fn, power_iteration_reference, top_singular
+from facelab.directions.regions import REGIONS
 from facelab.directions.trajectory import run_trajectory
 from facelab.io.grids import save_grid
 from facelab.io.images import read_image
-from facelab.methods.directions import REGIONS
 from facelab.models.pretrained import load_denoiser
 from facelab.sample import run_cell
 
@@ -188,7 +188,7 @@ def solver_cost(steps: int = 10, k: int = 3) -> dict:
     gen = torch.Generator().manual_seed(0)
     x_T, noises = edit_friendly_invert(denoiser, denoiser.schedule, face["image"][None], grid, eta=1.0,
                                        generator=gen, clip=True, progress=False)
-    traj = run_trajectory(denoiser, x_T, noises, grid, 1.0, record_x=True, clip=True)
+    traj = run_trajectory(denoiser, x_T, noises, DDIM(steps, eta=1.0, spacing=None, clip=True), record_x=True)
     mask = torch.isin(face["mask"], torch.tensor([SEG[c] for c in REGIONS["mouth"]])).float()
     out = {}
     for label, solver in (("block", top_singular), ("reference", power_iteration_reference)):

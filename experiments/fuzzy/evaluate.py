@@ -20,9 +20,9 @@ from pathlib import Path
 
 import torch
 
+from facelab.fuzzy_stats import compute_stats
 from facelab.io.grids import save_grid
 from facelab.io.images import read_image
-from facelab.methods.fuzzy_stats import compute_stats
 from facelab.models.pretrained import zoo_names
 from facelab.sample import run_cell
 from facelab.utils import compose_config

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from facelab.io.errors import InputError
+from facelab.io.images import resize_mask
 
 REWEIGHTS = ("learned", "paper", "average")
 DECAYS = ("cosine_decay", "linear_decay", "none")
@@ -123,6 +124,41 @@ class Reweight:
         return weights
 
 
+@dataclass
+class Influence:
+    """The learned I and the effective weights at every step of sampling runs: [N, steps, M, h, w] each, at the
+    network's times t."""
+
+    t: list[int]
+    learned: Tensor
+    weights: Tensor
+
+    @classmethod
+    def cat(cls, parts: Sequence[Influence]) -> Influence:
+        """The runs of several batches (the same steps) as one."""
+        return cls(parts[0].t, torch.cat([p.learned for p in parts]), torch.cat([p.weights for p in parts]))
+
+    def means(self, names: Sequence[str], mask: Tensor | None = None) -> dict:
+        """Mean learned I and effective weight per modality and step, over the samples and the face region (label map
+        `mask` ≠ 0 at latent resolution) when a mask is given, else over all pixels."""
+        h, w = self.learned.shape[-2:]
+        region = torch.ones(h, w, dtype=torch.bool)
+        if mask is not None and (resize_mask(mask, (h, w)) != 0).any():
+            region = resize_mask(mask, (h, w)) != 0
+        means = {kind: getattr(self, kind)[..., region].mean((0, -1)) for kind in ("learned", "weights")}  # [steps, M]
+        return {"t": self.t, "region": "face" if not region.all() else "all",
+                **{kind: {name: [round(float(v), 4) for v in m[:, j]] for j, name in enumerate(names)}
+                   for kind, m in means.items()}}
+
+    def tiles(self, sample: int = 0, columns: int = 10) -> tuple[Tensor, list[int]]:
+        """One sample's maps at up to `columns` evenly spaced steps, rows = learned I then weights of each modality:
+        [rows · columns, 1, h, w] in [-1, 1], and the t of each column."""
+        steps = torch.linspace(0, len(self.t) - 1, min(columns, len(self.t))).round().long()
+        rows = [getattr(self, kind)[sample, steps, j] for kind in ("learned", "weights")
+                for j in range(self.learned.shape[2])]
+        return torch.cat(rows)[:, None] * 2 - 1, [self.t[i] for i in steps]
+
+
 def _cat_conditions(*conds: Mapping) -> dict:
     """Concatenate condition dicts (UNet keyword tensors) along the batch."""
     return {key: torch.cat([c[key] for c in conds]) for key in conds[0]}
@@ -139,8 +175,8 @@ class CollaborativeDenoiser(nn.Module):
 
     Per call it runs one forward per UNet for the whole batch: M uni-modal UNets (frozen, no gradient) and, unless
     reweight=average, the M dynamic diffusers. `calls` counts those forwards ("models", "diffusers"); with
-    `record = True` every call appends {"t", "learned", "weights"} ([B, M, h, w] on the CPU) to `records`.
-    `generator` feeds Reweight.manual_prob.
+    `record = True` every call appends {"t", "learned", "weights"} ([B, M, h, w] on the CPU) to `records`
+    (`take_influence` stacks them per sampling run). `generator` feeds Reweight.manual_prob.
     """
 
     def __init__(self, models: Sequence[nn.Module], diffusers: Sequence[nn.Module] | None = None, *,
@@ -170,6 +206,15 @@ class CollaborativeDenoiser(nn.Module):
     @property
     def schedule(self):
         return self.models[0].denoiser.schedule
+
+    def take_influence(self) -> Influence | None:
+        """The records since the last take (one sampling run) as an Influence, clearing them; None without records."""
+        if not self.records:
+            return None
+        taken = Influence([int(r["t"][0]) for r in self.records], *(torch.stack([r[kind] for r in self.records], 1)
+                                                                    for kind in ("learned", "weights")))
+        self.records.clear()
+        return taken
 
     def decode(self, z: Tensor) -> Tensor:
         return self.models[0].decode(z)

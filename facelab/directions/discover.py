@@ -95,3 +95,24 @@ def as_directions(vectors: Tensor) -> tuple[Tensor, Tensor]:
     k, steps, *shape = vectors.shape
     basis, norms = _unit(vectors.reshape(k, steps, -1))
     return basis.reshape(vectors.shape), norms
+
+
+def index_difference(index: dict[str, Tensor], attribute: str, num_examples: int, balance_gender: bool = False
+                     ) -> Tensor:
+    """`supervised` on an index of scored trajectories (directions.index): [T, *h] for `attribute`; balance_gender
+    takes each extreme half from either gender predicted by the index classifier's Male head."""
+    groups = index["score.Male"] > 0.5 if balance_gender and attribute != "Male" else None
+    return supervised(index["hs"], index[f"score.{attribute}"], num_examples, groups)[0]
+
+
+def supervised_directions(index: dict[str, Tensor], attribute: str, conditions: list[str] = (), num_examples: int = 100,
+                          balance_gender: bool = False) -> tuple[Tensor, float | None]:
+    """Raw direction vectors [K, T, *h] from a scored index: the attribute's mean difference (K = 1), or with
+    `conditions` that difference with theirs projected out and the primal one after it (K = 2); and the norm fraction
+    the projection kept (None without conditions)."""
+    primal = index_difference(index, attribute, num_examples, balance_gender)
+    if not conditions:
+        return primal[None], None
+    projected = project_out(primal, torch.stack([index_difference(index, c, num_examples, balance_gender)
+                                                 for c in conditions]))
+    return torch.stack([projected, primal]), float(projected.norm() / primal.norm())

@@ -17,6 +17,7 @@ from safetensors import SafetensorError
 from safetensors.torch import safe_open, save_file
 from torch import Tensor
 
+from facelab.diffusion.schedule import SPACINGS
 from facelab.io.errors import InputError
 
 
@@ -74,8 +75,9 @@ class Directions:
         return cls(tensors["basis"].float(), tensors["scale"].float(), json.loads(header["timesteps"]),
                    json.loads(header["meta"]), extras)
 
-    def check(self, fingerprint: str, where: str, timesteps: list[int], path: str = "") -> None:
-        """Refuse a file made for another model, h location or timestep grid (one clear error each)."""
+    def check(self, fingerprint: str, where: str, timesteps: list[int], path: str = "", schedule=None) -> None:
+        """Refuse a file made for another model, h location or timestep grid (one clear error each; with the
+        model's `schedule`, the fix names the grid's spacing too)."""
         m = self.meta
         if m.get("fingerprint") != fingerprint:
             raise InputError(f"{path}: directions were found on model {m.get('model')} ({m.get('fingerprint')}), "
@@ -84,5 +86,9 @@ class Directions:
             raise InputError(f"{path}: directions live at h_space={m.get('h_space')}, not {where}; "
                              f"set method.h_space={m.get('h_space')}")
         if list(timesteps) != list(self.timesteps):
-            raise InputError(f"{path}: directions were found on the {len(self.timesteps)}-step grid "
-                             f"{self.timesteps}, not {list(timesteps)}; set method.steps={len(self.timesteps)}")
+            steps = len(self.timesteps)
+            hint = next((f"sampler.steps={steps} sampler.spacing={spacing}" for spacing in SPACINGS if schedule
+                         is not None and schedule.timesteps(steps, spacing=spacing).tolist() == self.timesteps),
+                        f"sampler.steps={steps}")
+            raise InputError(f"{path}: directions were found on the {steps}-step grid {self.timesteps}, not "
+                             f"{list(timesteps)}; set {hint}")

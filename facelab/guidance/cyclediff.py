@@ -22,22 +22,51 @@ Sum over the batch: each image gets its own loss's gradient, whatever the batch 
 The step-by-step cycle takes the sampler's own step (DPM-Solver++: its first-order step, i.e. DDIM with η = 0).
 `grad_norm` rescales each term's gradient to unit RMS per image before weighting (one backward pass per term).
 Per step: one network call without gradient (the loop's), one with (ε_g), one more for a cycle loss.
+
+Also method=cyclediff's pieces below the method: the original's attribute table and the edits (parse_edits, flip), the
+classifier checks and clean predictions, the feature networks, the sampler / grid / start point of an edit, and
+edit_guidance (one edit's weighted terms).
 """
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
+from hydra.utils import instantiate
 from torch import Tensor
 
-from facelab.diffusion import Schedule, State, randn_like
+from facelab.diffusion import (
+    DDIM,
+    DDPM,
+    RePaint,
+    Sampler,
+    Schedule,
+    State,
+    ddim_invert,
+    edit_friendly_invert,
+    randn_like,
+)
 from facelab.guidance.base import Context, GradientGuidance
 from facelab.io.errors import InputError
 from facelab.io.images import resize_images
+from facelab.models.classifier import load_classifier
 from facelab.models.components.seeding import keyed_generator
 
 LossTerm = Callable[["Context"], Tensor]  # a step's Context -> per-image loss [B]
+
+# The original's 20 attributes (its preprocess/attributes.py, CelebA names; 1 and 3 merge several CelebA attributes);
+# index 20 is reconstruction. Its README's editable ones: 2, 9, 11, 12, 15, 18, 19.
+REFERENCE_ATTRIBUTES = [
+    "Goatee", "Beard", "Bags_Under_Eyes", "Bald", "Bangs", "Black_Hair", "Blond_Hair", "Brown_Hair", "Gray_Hair",
+    "Eyeglasses", "Heavy_Makeup", "Male", "Mouth_Slightly_Open", "Narrow_Eyes", "Pale_Skin", "Smiling",
+    "Straight_Hair", "Wavy_Hair", "Wearing_Lipstick", "Young",
+]
+REFERENCE_EDITABLE = [2, 9, 11, 12, 15, 18, 19]
+RECONSTRUCTION = "reconstruction"
+STARTS = ("original", "sdedit", "ddim_inversion", "edit_friendly")
+CYCLES = ("origin", "step", "step_reference", "none")
 
 
 class StepNoise(Sequence):
@@ -204,3 +233,151 @@ def source_only(term: str):
     reads, knobs = SOURCE_TERMS[term]
     raise InputError(f"guidance=[{term}]: this CycleDiff loss compares every edit with its {reads}, which only "
                      f"method=cyclediff supplies; there it is built from {knobs}, not from guidance=[...]")
+
+
+# --- method=cyclediff's pieces: edits, classifiers, start points, one edit's guidance ---------------------------------
+def parse_edits(spec, attributes: Sequence[str]) -> dict[str, list[str]]:
+    """{edit name: attributes to flip} from `attribute`: a name, an index of the original's table, NAME+NAME (flipped
+    together), `reconstruction` (index 20: nothing flipped), or a list of these; null = the original's table."""
+    if spec is None:
+        names = [REFERENCE_ATTRIBUTES[i] for i in REFERENCE_EDITABLE if REFERENCE_ATTRIBUTES[i] in attributes]
+        return {**{name: [name] for name in names}, RECONSTRUCTION: []}
+    edits = {}
+    for item in spec if isinstance(spec, Sequence) and not isinstance(spec, str) else [spec]:
+        flips = list(dict.fromkeys(resolve_attribute(token, attributes) for token in str(item).split("+")))
+        if RECONSTRUCTION in flips and len(flips) > 1:
+            raise InputError(f"attribute={item}: reconstruction flips nothing and cannot be combined")
+        edits[flips[0] if flips == [RECONSTRUCTION] else "+".join(flips)] = [f for f in flips if f != RECONSTRUCTION]
+    return edits
+
+
+def resolve_attribute(token: str, attributes: Sequence[str]) -> str:
+    token = token.strip()
+    index = int(token) if token.isdigit() else None
+    if index is not None:
+        token = RECONSTRUCTION if index == 20 else REFERENCE_ATTRIBUTES[index] if index < 20 else token
+    if token == RECONSTRUCTION or token in attributes:
+        return token
+    table = ", ".join(f"{i} {REFERENCE_ATTRIBUTES[i]}" for i in REFERENCE_EDITABLE) + ", 20 reconstruction"
+    which = f"{token} (index {index} of the original's table)" if index is not None and index < 20 else token
+    raise InputError(f"attribute={which}: not an attribute of the model ({', '.join(attributes)}); give names, "
+                     f"NAME+NAME, reconstruction, or the original's indices ({table})")
+
+
+def flip(y_src: Tensor, flips: Sequence[str], attributes: Sequence[str]) -> tuple[Tensor, Tensor]:
+    """(y_tgt, mask): y_src with the `flips` entries negated, and the mask [B, A] of those entries."""
+    mask = torch.zeros_like(y_src)
+    mask[:, [list(attributes).index(a) for a in flips]] = 1
+    return y_src * (1 - 2 * mask), mask
+
+
+def check_classifier(net, key: str, attributes: Sequence[str], denoiser):
+    """A classifier with a binary head for every attribute of the model; a noise-aware one on the model's schedule."""
+    missing = [a for a in attributes if net.heads.get(a) != 2]
+    if missing:
+        raise InputError(f"{key}={net.source} has no binary head for {', '.join(missing)} (it predicts "
+                         f"{', '.join(net.heads)}): use a classifier trained on the model's attributes")
+    if net.noise_aware:
+        size = denoiser.unet.config.sample_size
+        scheduler = net.meta.get("scheduler")
+        same = scheduler is not None and torch.allclose(Schedule.from_config(scheduler).alphas_cumprod,
+                                                        denoiser.schedule.alphas_cumprod)
+        if not same or net.image_size != size:
+            raise InputError(f"{key}={net.source} is noise-aware but was trained on another noise schedule or image "
+                             f"size ({net.image_size} px) than the model ({size} px); retrain it with the model's")
+    return net
+
+
+def time_zero(net, x: Tensor) -> Tensor | None:
+    """t = 0 for a noise-aware classifier reading clean images, else None."""
+    return torch.zeros(len(x), dtype=torch.long, device=x.device) if net.noise_aware else None
+
+
+class ClassifierFeatures:
+    """A classifier's pooled encoder features of clean images in [-1, 1] (resized to its size), for FeatureLoss."""
+
+    def __init__(self, net):
+        self.net = net
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return self.net.features(resize_images(x, self.net.image_size), time_zero(self.net, x))
+
+
+@torch.no_grad()
+def predict_attributes(net, images: Tensor, attributes: Sequence[str], batch_size: int) -> Tensor:
+    """The classifier's hard 0/1 labels [N, A] of clean images (CPU), in chunks of batch_size."""
+    device, labels = next(net.parameters()).device, []
+    for chunk in images.split(batch_size):
+        x = resize_images(chunk.to(device), net.image_size)
+        probs = net.predict(x, time_zero(net, x))
+        labels.append(torch.stack([probs[a][:, 1] > 0.5 for a in attributes], 1).float().cpu())
+    return torch.cat(labels)
+
+
+def check_sampler(sampler: Sampler, start: str, variance_type: str) -> Sampler:
+    """The sampler of the edits: not RePaint; DDPM with Σ_t of `variance_type`; DDIM(η) for the edit-friendly start."""
+    if isinstance(sampler, RePaint):
+        raise InputError("sampler=repaint resamples for inpainting: method=cyclediff takes sampler=ddim, ddpm or "
+                         "dpmpp_2m")
+    if isinstance(sampler, DDPM):
+        sampler = replace(sampler, variance_type=variance_type)
+    if start == "edit_friendly" and not isinstance(sampler, DDIM):
+        raise InputError("method.start=edit_friendly inverts the DDIM(η) step: use sampler=ddim (sampler.eta=1 is the "
+                         "DDPM-like step)")
+    return sampler
+
+
+def edit_timesteps(grid: Sequence[int], start: str, t0: int) -> list[int]:
+    """The sampler's grid; for sdedit and the inversions only its times ≤ t0."""
+    grid = [t for t in grid if start == "original" or t <= t0]
+    if not grid:
+        raise InputError(f"method.t0={t0}: no time of the sampler's grid is ≤ t0")
+    return grid
+
+
+def feature_networks(specs: Mapping, weights: Mapping[str, float], device: torch.device | str) -> dict:
+    """{kind: network} of each active (nonzero weight) FeatureLoss kind: a classifier source (its ClassifierFeatures)
+    or a {_target_: ...} config building a module images → features."""
+    networks = {}
+    for kind in FeatureLoss.KINDS:
+        spec = specs[kind]
+        if weights[kind]:
+            networks[kind] = (instantiate(spec).to(device).eval().requires_grad_(False) if isinstance(spec, Mapping)
+                              else ClassifierFeatures(load_classifier(spec, device)))
+    return networks
+
+
+def start_point(start: str, denoiser, sampler: Sampler, grid: Sequence[int], x_src: Tensor, y_src: Tensor,
+                noises: Sequence[Tensor], generator: torch.Generator, progress: bool = False):
+    """(x at grid[0], the per-step noises of the decode and every edit): `original` = the clean image itself (the
+    reference's DDPM path), `sdedit` = q_sample to grid[0], `ddim_inversion` / `edit_friendly` under y_src (the
+    edit-friendly inversion gives its own noises)."""
+    schedule = denoiser.schedule
+    if start == "original":
+        return x_src, noises
+    if start == "sdedit":
+        return schedule.q_sample(x_src, grid[0], torch.randn(x_src.shape, generator=generator,
+                                                             device=x_src.device)), noises
+    if start == "ddim_inversion":
+        return ddim_invert(denoiser, schedule, x_src, grid, cond=y_src, progress=progress).latents[0], noises
+    return edit_friendly_invert(denoiser, schedule, x_src, grid, eta=sampler.eta, generator=generator, cond=y_src,
+                                clip=sampler.clips(schedule), progress=progress)
+
+
+def edit_guidance(weights: Mapping[str, float], cycle: str, classifier, networks: Mapping, attributes: Sequence[str],
+                  x_src: Tensor, y_src: Tensor, flips: Sequence[str], noises, trajectory, generator,
+                  grad_norm: bool = False) -> tuple[CycleDiffGuidance, Tensor]:
+    """(the guidance of one edit of a source batch, y_tgt): the weighted attribute, range, cycle (`cycle`: origin,
+    step, step_reference or none) and feature terms ({kind: network}); inactive terms are not built."""
+    y_tgt, mask = flip(y_src, flips, attributes)
+    terms = {"attribute": (weights["attribute"] if mask.any() else 0.0,
+                           AttributeLoss(classifier, attributes, y_tgt, mask)),
+             "range": (weights["range"], range_loss)}
+    if cycle == "origin":
+        terms["cycle"] = (weights["cycle"], CycleToOrigin(x_src, y_src, generator))
+    elif cycle in ("step", "step_reference"):
+        terms["cycle"] = (weights["cycle"], CycleStepByStep(x_src, y_src, noises, trajectory, generator,
+                                                             reference=cycle == "step_reference"))
+    for kind, network in networks.items():
+        terms[kind] = (weights[kind], FeatureLoss(network, x_src, kind))
+    return CycleDiffGuidance(terms, grad_norm), y_tgt

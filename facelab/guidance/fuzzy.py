@@ -12,7 +12,7 @@ m_Δt = M((Δt/Δt_ref)·ℓ(m)), M the inverse of ℓ, so equal diffusion time 
 
 `FuzzyImages` is the blend as a config-built term for any pixel-space method (conf/guidance/fuzzy.yaml): its inputs y
 are read by the term itself (an image folder, or the held-out synthetic faces), one per sample, with one keep weight
-everywhere (method=fuzzy's mode=replace).
+everywhere (method=fuzzy's mode=replace). `keep_weight` and `reduce_mask` give method=fuzzy's m from its masks.
 """
 from __future__ import annotations
 
@@ -25,6 +25,8 @@ from facelab.diffusion import Guidance, State, randn_like
 from facelab.io.errors import InputError
 
 STRENGTHS = ("per_time", "per_step")
+MASK_REDUCES = ("per_channel", "luminance")
+LUMINANCE = (0.299, 0.587, 0.114)
 
 
 def log_retention(m: Tensor) -> Tensor:
@@ -42,6 +44,22 @@ def per_time_weight(m: Tensor, dt: float, reference_step: float = 4.0) -> Tensor
     """The per-step weight m_Δt = M((Δt/Δt_ref)·ℓ(m)) for a step of Δt training steps (≈ m·√(Δt/Δt_ref) for small m)."""
     m64 = m.double()
     return weight_from_log_retention(dt / reference_step * log_retention(m64)).to(m.dtype)
+
+
+def keep_weight(mode: str, mask_s: float, y: Tensor, keep: Tensor | None) -> Tensor:
+    """m of method=fuzzy's mask (the keep-mask), modulate (keep-mask·mask_s) and replace (mask_s everywhere) modes."""
+    if mode == "mask":
+        return keep
+    if mode == "modulate":
+        return keep * mask_s
+    return torch.full_like(y, mask_s)
+
+
+def reduce_mask(m: Tensor, how: str) -> Tensor:
+    """per_channel keeps m as is; luminance gives one weight per pixel [B, 1, H, W] (Rec. 601 weights)."""
+    if how == "per_channel" or m.shape[1] == 1:
+        return m
+    return (m * m.new_tensor(LUMINANCE)[:, None, None]).sum(1, keepdim=True)
 
 
 def fuzzy_blend(x: Tensor, y: Tensor, m: Tensor, alpha_bar: float, noise: Tensor, renormalize: bool = True) -> Tensor:

@@ -6,35 +6,38 @@
 
 The mask is a CelebAMask-HQ label map (index/palette/colour PNG, or a [19, H·W] one-hot tensor file); without mask
 or text the shipped default face (facelab/assets/codiff) is used. Both methods sample with the shared loop
-(DDIM η = sampler.eta over the LDM grid {1, 1 + c, …} down to ᾱ_0) and write, under
-samples/<mask stem>/<text slug>/, the original's files: the mask again as a colour PNG, {idx:06d}_x_0.png, and on
-request {idx:06d}_x_inter.png / _pred_x0.png (display_x_inter), _<modality>_influence_function.png
-(return_influence_function; the mask's is named seg_mask), _z_0.png (save_z), _mixed.png (save_mixed); codiff also
-writes influence/{idx:06d}.npz (learned I and effective weights, [steps, M, h, w]). metrics.json holds the timing,
-network calls and the mean learned / effective weight of each modality per step (inside the face when a mask is given).
+(DDIM η = sampler.eta over the LDM grid {1, 1 + c, …} down to ᾱ_0) and write the original's files under
+samples/<mask stem>/<text slug>/ (facelab.io.codiff: x_0, and on request x_inter / pred_x0 (display_x_inter), the
+influence functions (return_influence_function), z_0 (save_z), mixed (save_mixed); codiff also influence/*.npz).
+metrics.json holds the timing, network calls and the mean learned / effective weight of each modality per step
+(inside the face when a mask is given), and under "eval" the scores of +eval=[captions, parsing, attributes].
 """
 from __future__ import annotations
 
 import logging
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
-from safetensors.torch import load_file
 from torch import Tensor
 
-from facelab.data.synthetic import SEG_CLASSES
-from facelab.diffusion import RePaint, sample
-from facelab.diffusion.collab import CollaborativeDenoiser, Reweight
+from facelab.diffusion import RePaint
+from facelab.diffusion.collab import CollaborativeDenoiser, Influence, Reweight
+from facelab.evaluators import (
+    AttributeEvaluator,
+    CaptionEvaluator,
+    ParsingEvaluator,
+    SimilarityEvaluator,
+    build_evaluators,
+    guidance_networks,
+)
 from facelab.guidance.base import refuse_guidance
-from facelab.io.checkpoints import load_checkpoint
+from facelab.guidance.record import RecordTrajectory
+from facelab.io.codiff import SampleFolder
 from facelab.io.errors import InputError
-from facelab.io.grids import image_grid
-from facelab.io.images import colorize_mask, read_mask, resize_mask, save_image, save_mask
-from facelab.methods.common import build_sampler, clock, device_of, generator, guidance_terms
+from facelab.io.images import read_mask
+from facelab.io.tensors import read_latents
 from facelab.models.codiff import ldm_timesteps, load_collaborative, load_stage
 from facelab.models.latent import load_latent_model
 from facelab.runner import Runner
@@ -42,281 +45,178 @@ from facelab.runner import Runner
 log = logging.getLogger("facelab")
 ASSETS = Path(__file__).resolve().parents[1] / "assets" / "codiff"
 DEFAULT_MASK, DEFAULT_TEXT = ASSETS / "900001.png", ASSETS / "900001.txt"
-FILE_NAMES = {"mask": "seg_mask"}  # modality -> the reference's name in {idx}_<name>_influence_function.png
-NROW = 10                           # tiles per row of the per-step grids, as the reference
-START_STREAM, NOISE_STREAM, REWEIGHT_STREAM = 0, 1, 2
 # guidance=[...]: why terms that need one of these (facelab.guidance.base) are refused; the others join the sampling
 REFUSED = {"h_space": "its denoiser mixes several latent UNets' ε, so there is no single h-space to edit",
            "pixels": "it samples latents, not images",
            "frames": "it writes no trajectory.png (display_x_inter=true saves every step)"}
 
 
+@dataclass(frozen=True)
+class Options:
+    """cfg.method of codiff and ldm (conf/method/codiff.yaml, ldm.yaml)."""
+
+    name: str
+    mask: str | None = None
+    text: str | None = None
+    cfg_scale: float | dict = 1.0        # one number, or {modality name: number}
+    x_T: str | None = None
+    save_z: bool = False
+    return_influence_function: bool = False
+    display_x_inter: bool = False
+    save_mixed: bool = False
+    ldm_grid: bool = True
+    collab: dict = field(default_factory=dict)   # codiff: the Reweight options
+    models: dict = field(default_factory=dict)   # ldm: {modality: source}
+
+    @classmethod
+    def of(cls, method: DictConfig) -> Options:
+        given = OmegaConf.to_container(method, resolve=True)
+        opts = {key: given[key] for key in cls.__dataclass_fields__ if given.get(key) is not None}
+        for key in ("mask", "text", "x_T"):
+            if key in opts:
+                opts[key] = str(opts[key])
+        if not isinstance(opts.get("cfg_scale", 1.0), dict):
+            opts["cfg_scale"] = float(opts.get("cfg_scale", 1.0))
+        return cls(**opts)
+
+
 def run(cfg: DictConfig, runner: Runner) -> dict:
     """method=codiff: the collaborative sampler of model.pretrained under (mask, text)."""
-    refuse_guidance(cfg, "method=codiff", REFUSED)
-    out, gallery = runner.out, runner.gallery
-    collab = load_collaborative(cfg.model.pretrained, device_of(cfg), Reweight.from_options(cfg.method.collab),
-                                cfg_scales(cfg))
-    return generate(cfg, out, gallery, collab, read_inputs(cfg, collab))
+    opts, sampler = prepare(cfg, runner)
+    collab = load_collaborative(cfg.model.pretrained, runner.device, Reweight.from_options(opts.collab), opts.cfg_scale)
+    return generate(cfg, runner, opts, sampler, collab)
 
 
 def run_ldm(cfg: DictConfig, runner: Runner) -> dict:
     """method=ldm: one uni-modal latent model, method.model or the one whose input is given."""
-    refuse_guidance(cfg, "method=ldm", REFUSED)
-    out, gallery = runner.out, runner.gallery
-    device = device_of(cfg)
+    opts, sampler = prepare(cfg, runner)
     if cfg.model.pretrained is not None:
-        model = load_latent_model(str(cfg.model.pretrained), device)
+        model = load_latent_model(str(cfg.model.pretrained), runner.device)
     else:
-        given = [key for key in ("mask", "text") if cfg.method[key] is not None]
+        given = [key for key in ("mask", "text") if getattr(opts, key) is not None]
         if len(given) != 1:
             raise InputError("method=ldm samples one uni-modal model: give mask=PATH or text=\"...\" (not both), or "
                              "method.model=SOURCE")
-        model = load_stage(given[0], str(cfg.method.models[given[0]]), device)
-    collab = CollaborativeDenoiser([model], reweight=Reweight("average"), cfg_scale=cfg_scales(cfg))
-    return generate(cfg, out, gallery, collab, read_inputs(cfg, collab))
+        model = load_stage(given[0], str(opts.models[given[0]]), runner.device)
+    collab = CollaborativeDenoiser([model], reweight=Reweight("average"), cfg_scale=opts.cfg_scale)
+    return generate(cfg, runner, opts, sampler, collab)
 
 
-def cfg_scales(cfg: DictConfig) -> float | dict:
-    scale = cfg.method.cfg_scale
-    return OmegaConf.to_container(scale) if isinstance(scale, DictConfig) else float(scale)
+def prepare(cfg: DictConfig, runner: Runner):
+    """The options and the sampler, after refusing (one line, before any model loads) what these methods cannot take."""
+    opts = Options.of(cfg.method)
+    refuse_guidance(cfg, f"method={opts.name}", REFUSED)
+    if cfg.get("source") is not None:
+        raise InputError(f"+source: method={opts.name} reads its own inputs (mask=, text=, x_T=), not a source")
+    sampler = runner.sampler()
+    if isinstance(sampler, RePaint):
+        raise InputError(f"sampler=repaint resamples for inpainting: method={opts.name} takes sampler=ddim, ddpm or "
+                         "dpmpp_2m")
+    return opts, sampler
 
 
-# --- inputs ----------------------------------------------------------------------------------------------------------
 @dataclass
 class Inputs:
     mask: Tensor | None                  # [H, W] labels
     mask_name: str                       # output folder: the mask's stem ("none" without a mask)
     text: str | None
-    warnings: list[str] = field(default_factory=list)
-
-    def value(self, modality: str):
-        return self.mask if modality == "mask" else self.text
+    warnings: list[str]
 
 
-def read_inputs(cfg: DictConfig, collab: CollaborativeDenoiser) -> Inputs:
-    """The mask and caption the models read (the shipped defaults where not given), validated."""
-    modalities = {model.modality for model in collab.models}
+def read_inputs(opts: Options, models) -> Inputs:
+    """The mask and caption the models read (the shipped defaults where not given), checked by each model."""
+    modalities = {model.modality for model in models}
     for key in ("mask", "text"):
-        if cfg.method[key] is not None and key not in modalities:
+        if getattr(opts, key) is not None and key not in modalities:
             raise InputError(f"{key}= is given but no model here reads a {key} (modalities: "
                              f"{', '.join(sorted(modalities))})")
-    inputs = Inputs(None, "none", None)
-    if "mask" in modalities:
-        path = Path(cfg.method.mask) if cfg.method.mask is not None else DEFAULT_MASK
-        inputs.mask, inputs.mask_name = read_mask(path), path.stem
-    if "text" in modalities:
-        inputs.text = str(cfg.method.text) if cfg.method.text is not None else DEFAULT_TEXT.read_text().strip()
-        if not inputs.text.strip():
-            raise InputError(f'text={inputs.text!r}: the caption is empty; give a sentence, e.g. text="This man has a '
-                             'beard."')
-    for model in collab.models:
-        inputs.warnings += check_condition(model, inputs)
-    for warning in inputs.warnings:
+    path = Path(opts.mask) if opts.mask is not None else DEFAULT_MASK
+    mask = read_mask(path) if "mask" in modalities else None
+    text = (opts.text if opts.text is not None else DEFAULT_TEXT.read_text().strip()) if "text" in modalities else None
+    values = {"mask": mask, "text": text}
+    warnings = [w for model in models for w in model.check_condition(values[model.modality])]
+    for warning in warnings:
         log.warning(warning)
-    return inputs
+    return Inputs(mask, path.stem if mask is not None else "none", text, warnings)
 
 
-def check_condition(model, inputs: Inputs) -> list[str]:
-    """Warnings: mask classes that vanish at the encoder's mask resolution. A caption longer than the encoder reads is
-    an error (the original silently cut it)."""
-    if model.modality == "mask":
-        size = model.encoder.mask_size
-        gone = sorted(set(inputs.mask.unique().tolist()) - set(resize_mask(inputs.mask, size).unique().tolist()))
-        return [f"mask: {', '.join(SEG_CLASSES[c] for c in gone)} not visible at the {size}×{size} the mask encoder "
-                "reads (nearest resize)"] if gone else []
-    dropped = model.encoder.tokens_dropped([inputs.text])[0]
-    if dropped:
-        raise InputError(f"text: {dropped} WordPiece tokens beyond the {model.encoder.max_length} the text encoder "
-                         "reads; shorten the caption")
-    return []
+def checked_evaluators(cfg: DictConfig, opts: Options, inputs: Inputs, terms: list, resolution: int) -> dict:
+    """+eval=[...]: captions (against the caption), parsing (against the mask), attributes; checked before sampling."""
+    evaluators = build_evaluators(cfg)
+    for name, evaluator in evaluators.items():
+        lacks = {CaptionEvaluator: inputs.text is None and "caption", ParsingEvaluator: inputs.mask is None and "mask",
+                 SimilarityEvaluator: "reference image"}.get(type(evaluator))
+        if lacks:
+            raise InputError(f"+eval=[{name}]: method={opts.name} has no {lacks} to score its samples against")
+        extra = {"num_images": cfg.num_samples} if isinstance(evaluator, AttributeEvaluator) else {}
+        evaluator.check(resolution, guidance_networks(terms), **extra)
+    return evaluators
 
 
-def read_start(path: str, num: int, shape: tuple[int, ...]) -> Tensor:
-    """A fixed start latent x_T: [C, h, w] (shared by all samples) or [≥ num, C, h, w] from .pt/.pth, .npy or
-    .safetensors (one tensor)."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"x_T={path}: no such file")
-    try:
-        if path.suffix == ".npy":
-            x = torch.from_numpy(np.load(path, allow_pickle=False))
-        elif path.suffix == ".safetensors":
-            tensors = list(load_file(path).values())
-            x = tensors[0] if len(tensors) == 1 else None
-        else:
-            x = load_checkpoint(path)
-    except (OSError, ValueError) as err:  # InputError (a refused pickle) is a ValueError too: keep its message
-        raise err if isinstance(err, InputError) else InputError(f"x_T={path}: unreadable ({err})") from None
-    if not isinstance(x, Tensor):
-        raise InputError(f"x_T={path}: expected one tensor")
-    x = x.float()
-    x = x.expand(num, *x.shape) if x.ndim == len(shape) else x
-    if tuple(x.shape[1:]) != tuple(shape) or len(x) < num:
-        raise InputError(f"x_T={path}: shape {list(x.shape)}; the model needs [{num}, {', '.join(map(str, shape))}] "
-                         f"(or one [{', '.join(map(str, shape))}] for all samples)")
-    return x[:num]
+def references(evaluator, inputs: Inputs, n: int) -> dict:
+    if isinstance(evaluator, CaptionEvaluator):
+        return {"captions": [inputs.text] * n}
+    return {"labels": inputs.mask.expand(n, -1, -1)} if isinstance(evaluator, ParsingEvaluator) else {}
 
 
-def slug(text: str | None) -> str:
-    return (re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")[:80] or "text") if text is not None else "none"
-
-
-# --- sampling --------------------------------------------------------------------------------------------------------
-@dataclass
-class Sampled:
-    images: Tensor | None = None         # [N, 3, H, W] in [-1, 1]
-    z0: Tensor | None = None             # [N, C, h, w]
-    t: list[int] | None = None           # the network's time at each step (codiff)
-    learned: Tensor | None = None        # [N, steps, M, h, w] learned I (codiff)
-    weights: Tensor | None = None        # [N, steps, M, h, w] effective weights (codiff)
-    x_inter: list[Tensor] = field(default_factory=list)   # per sample: decoded [x_T, x after each step]
-    pred_x0: list[Tensor] = field(default_factory=list)   # per sample: decoded x̂0 of each step
-    seconds: float = 0.0
-
-
-def run_batches(cfg: DictConfig, collab: CollaborativeDenoiser, inputs: Inputs, sampler,
-                device: torch.device) -> Sampled:
-    if isinstance(sampler, RePaint):
-        raise InputError(f"sampler=repaint resamples for inpainting: method={cfg.method.name} takes sampler=ddim, "
-                         "ddpm or dpmpp_2m")
-    if cfg.num_samples < 1 or cfg.batch_size < 1:
-        raise InputError(f"num_samples={cfg.num_samples}, batch_size={cfg.batch_size}: both must be at least 1")
-    schedule, shape, terms = collab.schedule, collab.models[0].latent_shape, guidance_terms(cfg)
-    if cfg.method.ldm_grid:
-        grid, final = ldm_timesteps(schedule, sampler.steps), 0
-    else:
-        grid, final = sampler.timesteps(schedule), -1
-    starts = read_start(cfg.method.x_T, cfg.num_samples, shape) if cfg.method.x_T is not None else None
-    start_gen, noise_gen = generator(cfg.seed, device, START_STREAM), generator(cfg.seed, device, NOISE_STREAM)
-    collab.generator = generator(cfg.seed, device, REWEIGHT_STREAM)
-    collab.record = collab.diffusers is not None
-    values = [inputs.value(model.modality) for model in collab.models]
-    result, images, latents, learned, weights = Sampled(), [], [], [], []
-    for first in range(0, cfg.num_samples, cfg.batch_size):
-        n = min(cfg.batch_size, cfg.num_samples - first)
-        z = (starts[first:first + n].to(device) if starts is not None
-             else torch.randn(n, *shape, generator=start_gen, device=device))
-        frames = {"x": [z], "x0": []}
-
-        def keep(state, frames=frames):
-            frames["x"].append(state.x)
-            frames["x0"].append(state.x0)
-
-        collab.records.clear()
-        start = clock(device)
-        z0 = sample(collab, schedule, z, grid, sampler=sampler, guidance=terms, generator=noise_gen,
-                    cond=collab.conditions(values, n), final=final, progress=cfg.progress,
-                    callback=keep if cfg.method.display_x_inter else None)
-        images.append(collab.decode(z0).cpu())
-        result.seconds += clock(device) - start
-        latents.append(z0.cpu())
-        if collab.records:
-            result.t = [int(r["t"][0]) for r in collab.records]
-            learned.append(torch.stack([r["learned"] for r in collab.records], 1))
-            weights.append(torch.stack([r["weights"] for r in collab.records], 1))
-        if cfg.method.display_x_inter:
-            for i in range(n):
-                result.x_inter.append(decode_frames(collab, [x[i] for x in frames["x"]]))
-                result.pred_x0.append(decode_frames(collab, [x[i] for x in frames["x0"]]))
-    result.images, result.z0 = torch.cat(images), torch.cat(latents)
-    if learned:
-        result.learned, result.weights = torch.cat(learned), torch.cat(weights)
-    return result
-
-
-@torch.no_grad()
-def decode_frames(collab: CollaborativeDenoiser, latents: list[Tensor], chunk: int = 16) -> Tensor:
-    stacked = torch.stack(latents)
-    return torch.cat([collab.decode(part).cpu() for part in stacked.split(chunk)])
-
-
-# --- outputs ---------------------------------------------------------------------------------------------------------
-def generate(cfg: DictConfig, out: Path, gallery, collab: CollaborativeDenoiser, inputs: Inputs) -> dict:
-    device, sampler = device_of(cfg), build_sampler(cfg.sampler)
-    result = run_batches(cfg, collab, inputs, sampler, device)
-    folder = out / "samples" / inputs.mask_name / slug(inputs.text)
-    write_samples(cfg, folder, collab, inputs, result)
-    write_gallery(out, gallery, folder, collab, inputs, result)
-    n, runs = len(result.images), -(-cfg.num_samples // cfg.batch_size)
-    metrics = {"method": cfg.method.name, "modalities": collab.names,
-               "mask": str(cfg.method.mask or DEFAULT_MASK) if inputs.mask is not None else None, "text": inputs.text,
-               "outputs": str(folder.relative_to(out)), "num_samples": n, "seconds": result.seconds,
-               "seconds_per_image": result.seconds / n, "sampler": sampler.name, "steps": sampler.steps,
+def generate(cfg: DictConfig, runner: Runner, opts: Options, sampler, collab: CollaborativeDenoiser) -> dict:
+    inputs = read_inputs(opts, collab.models)
+    schedule, shape, terms = collab.schedule, collab.models[0].latent_shape, runner.guidance()
+    evaluators = checked_evaluators(cfg, opts, inputs, terms, collab.models[0].vae.config.sample_size)
+    grid, final = ((ldm_timesteps(schedule, sampler.steps), 0) if opts.ldm_grid else (sampler.timesteps(schedule), -1))
+    starts = read_latents(opts.x_T, cfg.num_samples, shape) if opts.x_T is not None else None
+    files = SampleFolder(runner.out, inputs.mask, inputs.mask_name, inputs.text, collab.names,
+                         [model.modality for model in collab.models], save_z=opts.save_z, save_mixed=opts.save_mixed,
+                         influence_maps=opts.return_influence_function)
+    caption = inputs.text if inputs.text is not None else "(no caption)"
+    if files.mask_png is not None:
+        runner.gallery.section("inputs").append([(f"mask {inputs.mask_name}; caption: {caption}", files.mask_png)])
+    start_gen, noise_gen = runner.generator("codiff.start"), runner.generator("codiff.noise")
+    collab.generator, collab.record = runner.generator("codiff.reweight"), collab.diffusers is not None
+    counters = {kind: [runner.count_calls(net) for net in nets] for kind, nets in
+                (("models", [model.unet for model in collab.models]), ("diffusers", collab.diffusers or []))}
+    trajectory = [RecordTrajectory(every=1, num_images=cfg.batch_size)] if opts.display_x_inter else []
+    values = [{"mask": inputs.mask, "text": inputs.text}[model.modality] for model in collab.models]
+    images, records = [], []
+    for first, n in runner.batches(cfg.num_samples):
+        z = (starts[first:first + n].to(runner.device) if starts is not None
+             else torch.randn(n, *shape, generator=start_gen, device=runner.device))
+        with runner.timed("sampling"):
+            z0 = runner.sample(collab, z, sampler, [*terms, *trajectory], noise_gen, timesteps=grid, final=final,
+                               cond=collab.conditions(values, n))
+            images.append(collab.decode(z0).cpu())
+        records.append(collab.take_influence())
+        files.write(first, images[-1], z0.cpu(), [decode_trajectory(collab, z, trajectory[0].frames, i)
+                                                  for i in range(n)] if trajectory else (), records[-1])
+    images, influence = torch.cat(images), None if records[0] is None else Influence.cat(records)
+    runner.grid(images, "grid.png", "samples", f"{len(images)} samples; caption: {caption}",
+                nrow=min(len(images), 8), upscale=2)
+    seconds, runs = runner.seconds["sampling"], -(-cfg.num_samples // cfg.batch_size)
+    counts = {kind: sum(c.count for c in found) for kind, found in counters.items()}
+    metrics = {"method": opts.name, "modalities": collab.names,
+               "mask": str(opts.mask or DEFAULT_MASK) if inputs.mask is not None else None, "text": inputs.text,
+               "outputs": str(files.folder.relative_to(runner.out)), "num_samples": len(images), "seconds": seconds,
+               "seconds_per_image": seconds / len(images), "sampler": sampler.name, "steps": sampler.steps,
                "eta": getattr(sampler, "eta", None), "cfg_scale": dict(zip(collab.names, collab.cfg_scales)),
                # forwards of a whole sampling run (each image goes through all of them, batched with the others)
-               "network_calls": sum(collab.calls.values()) // runs,
-               "network_calls_by_kind": {k: v // runs for k, v in collab.calls.items()}, "warnings": inputs.warnings}
-    if collab.diffusers is not None:
-        metrics.update(reweight=collab.reweight.options(), influence=influence_means(collab, inputs, result))
+               "network_calls": sum(counts.values()) // runs, "network_calls_per_image": sum(counts.values()) / runs,
+               "network_calls_by_kind": {kind: count // runs for kind, count in counts.items() if count},
+               "warnings": inputs.warnings}
+    if influence is not None:
+        tiles, t = influence.tiles()
+        labels = [f"{kind} {name}" for kind in ("learned I", "weight") for name in collab.names]
+        runner.grid(tiles, "influence.png", "influence", f"rows: {', '.join(labels)}; columns: t = "
+                    f"{', '.join(map(str, t))}", nrow=len(t), upscale=max(1, images.shape[-1] // tiles.shape[-1]))
+        metrics.update(reweight=collab.reweight.options(), influence=influence.means(collab.names, inputs.mask))
+    if evaluators:
+        metrics["eval"] = {name: evaluator.score(images, **references(evaluator, inputs, len(images)))
+                           for name, evaluator in evaluators.items()}
     return metrics
 
 
-def influence_means(collab: CollaborativeDenoiser, inputs: Inputs, result: Sampled) -> dict:
-    """Mean learned I and effective weight per modality and step, over the samples and the face region (mask ≠ 0 at
-    latent resolution) when a mask is given, else over all pixels."""
-    h, w = result.learned.shape[-2:]
-    region = torch.ones(h, w, dtype=torch.bool)
-    if inputs.mask is not None and (resize_mask(inputs.mask, (h, w)) != 0).any():
-        region = resize_mask(inputs.mask, (h, w)) != 0
-    means = {kind: getattr(result, kind)[..., region].mean((0, -1)) for kind in ("learned", "weights")}  # [steps, M]
-    return {"t": result.t, "region": "face" if not region.all() else "all",
-            **{kind: {name: [round(float(v), 4) for v in m[:, j]] for j, name in enumerate(collab.names)}
-               for kind, m in means.items()}}
-
-
-def save_tiles(tiles: Tensor, path: Path, nrow: int, upscale: int = 1) -> Path:
-    """A grid of [N, C, h, w] tiles in [-1, 1] through save_image (never overwrites), optionally upscaled (nearest)."""
-    grid = torch.from_numpy(image_grid(tiles, min(nrow, len(tiles)))).permute(2, 0, 1).float() / 127.5 - 1
-    return save_image(grid.repeat_interleave(upscale, 1).repeat_interleave(upscale, 2), path)
-
-
-def write_samples(cfg: DictConfig, folder: Path, collab: CollaborativeDenoiser, inputs: Inputs,
-                  result: Sampled) -> None:
-    size = result.images.shape[-1]
-    if inputs.mask is not None:
-        save_mask(inputs.mask, folder / f"{inputs.mask_name}.png", style="colour")
-        colour = torch.from_numpy(colorize_mask(resize_mask(inputs.mask, size))).permute(2, 0, 1).float() / 127.5 - 1
-    for idx, image in enumerate(result.images):
-        save_image(image, folder / f"{idx:06d}_x_0.png")
-        if cfg.method.display_x_inter:
-            save_tiles(result.x_inter[idx], folder / f"{idx:06d}_x_inter.png", NROW)
-            save_tiles(result.pred_x0[idx], folder / f"{idx:06d}_pred_x0.png", NROW)
-        if cfg.method.save_z:  # the reference's (z + 40)·4 for its raw latents; ours are scaled to unit variance: (z + 4)·32
-            z = result.z0[idx]
-            save_image((z[:3] if len(z) >= 3 else z.mean(0, keepdim=True)) / 4, folder / f"{idx:06d}_z_0.png")
-        if cfg.method.save_mixed and inputs.mask is not None:
-            save_image(0.7 * image + 0.3 * colour, folder / f"{idx:06d}_mixed.png")
-        if result.weights is None:
-            continue
-        if cfg.method.get("return_influence_function"):
-            for j, (name, model) in enumerate(zip(collab.names, collab.models)):
-                maps = result.weights[idx, :, j, None] * 2 - 1  # [steps, 1, h, w]: the map ×255 once saved
-                save_tiles(maps, folder / f"{idx:06d}_{FILE_NAMES.get(model.modality, name)}_influence_function.png",
-                           NROW)
-        npz = folder / "influence" / f"{idx:06d}.npz"
-        npz.parent.mkdir(parents=True, exist_ok=True)
-        with open(npz, "xb") as file:
-            np.savez(file, learned=result.learned[idx].numpy(), weights=result.weights[idx].numpy(),
-                     t=np.array(result.t), names=np.array(collab.names))
-
-
-def write_gallery(out: Path, gallery, folder: Path, collab: CollaborativeDenoiser, inputs: Inputs,
-                  result: Sampled) -> None:
-    """Sections: inputs (colour mask, caption), samples (grid.png), influence (influence.png: sample 0's learned I and
-    effective weights of each modality at up to 10 evenly spaced steps)."""
-    caption = inputs.text if inputs.text is not None else "(no caption)"
-    if inputs.mask is not None:
-        gallery.section("inputs").append([(f"mask {inputs.mask_name}; caption: {caption}",
-                                           folder / f"{inputs.mask_name}.png")])
-    grid = save_tiles(result.images, out / "grid.png", min(len(result.images), 8), upscale=2)
-    gallery.section("samples").append([(f"{len(result.images)} samples; caption: {caption}", grid)])
-    if result.weights is None:
-        return
-    steps = torch.linspace(0, len(result.t) - 1, min(10, len(result.t))).round().long()
-    rows = [getattr(result, kind)[0, steps, j] for kind in ("learned", "weights") for j in range(len(collab.names))]
-    upscale = max(1, result.images.shape[-1] // result.weights.shape[-1])
-    path = save_tiles(torch.cat(rows)[:, None] * 2 - 1, out / "influence.png", len(steps), upscale)
-    labels = [f"{kind} {name}" for kind in ("learned I", "weight") for name in collab.names]
-    gallery.section("influence").append([(f"rows: {', '.join(labels)}; columns: t = "
-                                          f"{', '.join(str(result.t[i]) for i in steps)}", path)])
+@torch.no_grad()
+def decode_trajectory(collab: CollaborativeDenoiser, z: Tensor, frames: list, i: int, chunk: int = 16):
+    """Sample i's decoded x_t (x_T, then after each step) and x̂0 (each step), from RecordTrajectory's frames."""
+    x_t = torch.stack([z[i].cpu(), *(frame[1][i] for frame in frames)])
+    x0 = torch.stack([frame[2][i] for frame in frames])
+    return tuple(torch.cat([collab.decode(part.to(z.device)).cpu() for part in x.split(chunk)]) for x in (x_t, x0))

@@ -237,7 +237,7 @@ class HClassifier(FacelabModule):
         dataset = self.trainer.datamodule.train_set
         while isinstance(dataset, Subset):
             dataset = dataset.dataset
-        meta = getattr(dataset, "meta", None)  # an HSpaceDataset (facelab.methods.hextract): the shards' metadata
+        meta = getattr(dataset, "meta", None)  # an HSpaceDataset (facelab.data.hspace): the shards' metadata
         if not isinstance(meta, dict) or not HSPACE_KEYS <= meta.keys():
             raise InputError("model=hclf trains on h-space shards: use data=hspace data.dataset.path=<shards>")
         self.build(meta)

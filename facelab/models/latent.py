@@ -18,8 +18,10 @@ import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from torch import Tensor, nn
 
+from facelab.data.synthetic import SEG_CLASSES
 from facelab.diffusion import Denoiser, Schedule
 from facelab.io.errors import InputError
+from facelab.io.images import resize_mask
 from facelab.models.components.conditions import build_condition_encoder, load_condition_encoder, save_condition_encoder
 from facelab.models.pretrained import ModelKind, _digest, load_model, register, zoo
 from facelab.models.vae import load_vae, vae_from_checkpoint
@@ -87,6 +89,23 @@ class LatentModel(nn.Module):
         (text model); None entries, or values=None with batch_size, give the null condition."""
         tokens, mask = self.encoder(values, batch_size)
         return {"encoder_hidden_states": tokens, "encoder_attention_mask": mask}
+
+    def check_condition(self, value) -> list[str]:
+        """Warnings for one condition value: mask classes that vanish at the encoder's mask resolution. An empty
+        caption, or one longer than the encoder reads, is an InputError (the reference silently cut it)."""
+        if self.modality == "mask":
+            size = self.encoder.mask_size
+            gone = sorted(set(value.unique().tolist()) - set(resize_mask(value, size).unique().tolist()))
+            return [f"mask: {', '.join(SEG_CLASSES[c] for c in gone)} not visible at the {size}×{size} the mask "
+                    "encoder reads (nearest resize)"] if gone else []
+        if not value.strip():
+            raise InputError(f'text={value!r}: the caption is empty; give a sentence, e.g. text="This man has a '
+                             'beard."')
+        dropped = self.encoder.tokens_dropped([value])[0]
+        if dropped:
+            raise InputError(f"text: {dropped} WordPiece tokens beyond the {self.encoder.max_length} the text encoder "
+                             "reads; shorten the caption")
+        return []
 
     def fingerprint(self) -> str:
         """sha256 of the schedule, the condition encoder (config and weights) and the UNet weights."""

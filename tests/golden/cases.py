@@ -11,7 +11,7 @@ CASES = {
                       "sampler.jump_n_sample=2", "num_samples=1", "ood_lambda=0.1"],
     "fuzzy_zscore": ["method=fuzzy", "mode=zscore", "self_degrade=true", "num_samples=2", "sampler.steps=5"],
     "directions_pca": ["method=directions", "discover=pca", "num_samples=8", "batch_size=8", "method.edit_seeds=1",
-                       "num_directions=2", "method.steps=4", "method.num_svectors=4"],
+                       "num_directions=2", "sampler.steps=4", "method.num_svectors=4"],
     "debias": ["method=debias", "target.Male=0.5", "num_samples=4", "batch_size=4", "method.real_faces.num=0",
                "sampler.steps=5"],
     "cyclediff": ["method=cyclediff", "attribute=[Smiling]", "num_samples=1", "batch_size=1", "sampler.steps=5"],

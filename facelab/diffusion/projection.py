@@ -1,14 +1,14 @@
-"""Diffusion projection and its clean-face error statistics (FC-Diffusion's anomaly map).
+"""Diffusion projection and its clean-face error statistics (FC-Diffusion's anomaly map, `method=fuzzy mode=zscore`).
 
 Projection at depth d: x_d = √ᾱ_d·y + √(1−ᾱ_d)·ε (one ε per image, shared by all depths), then ancestral DDPM
 down to t = −1 gives ŷ_d. With `offset` (the reference's convention) the first network call labels x_d as d−1;
 `step` > 1 walks a strided grid (d−1, d−1−step, …) instead of every training step. The error
-e_d = (127.5·(ŷ_d − y))² is z-scored against per-pixel, per-channel μ_d, σ_d of e_d over clean training faces.
+e_d = (127.5·(ŷ_d − y))² is z-scored against per-pixel, per-channel μ_d, σ_d of e_d over clean training faces
+(facelab.metrics.anomaly.anomaly_map).
 
 Statistics files are safetensors (`mean`, `std`: [D, C, H, W] float64) whose metadata names the model (with a
-weight fingerprint), resolution, depths, step convention, N, seed and faces; `load_stats` checks them.
-
-    python -m facelab.fuzzy_stats model.pretrained=ddpm64 N=1000
+weight fingerprint), resolution, depths, step convention, N, seed and faces; `load_stats` checks them. They are
+computed by `python -m facelab.fuzzy_stats` (facelab/fuzzy_stats.py).
 """
 from __future__ import annotations
 
@@ -17,21 +17,17 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor
-from tqdm.auto import tqdm
 
-from facelab.data.synthetic import SyntheticFaces
-from facelab.diffusion import Denoiser, randn_like
 from facelab.io.errors import InputError
-from facelab.methods.common import device_of, generator
-from facelab.models.pretrained import load_denoiser, model_fingerprint
+
+from .denoiser import Denoiser
+from .schedule import randn_like
 
 FORMAT = "facelab.fuzzy_stats/1"
 STATS_FILE = "fuzzy_stats.safetensors"
-PROJECTION_STREAM = 1  # generator stream of the projection noise (the sampler uses 0)
 
 
 def projection_times(depth: int, offset: bool, step: int) -> list[int]:
@@ -106,6 +102,7 @@ class RunningMoments:
         return (self.m2 / self.n).sqrt()
 
 
+# --- the statistics file ------------------------------------------------------------------------------------------
 def convention(offset: bool, step: int) -> dict:
     return {"projection_offset": bool(offset), "projection_step": int(step)}
 
@@ -141,12 +138,12 @@ def read_stats(path: Path) -> tuple[dict, dict]:
     return tensors, meta
 
 
-def load_stats(path: Path, denoiser: Denoiser, model_name: str, depths: Sequence[int], offset: bool, step: int,
-               N: int | None = None) -> tuple[Tensor, Tensor, dict]:
-    """(μ, σ) [D, C, H, W] for `depths`, after checking the file was made for this model, resolution and convention."""
+def load_stats(path: Path, fingerprint: str, resolution: int, model_name: str, depths: Sequence[int], offset: bool,
+               step: int, N: int | None = None) -> tuple[Tensor, Tensor, dict]:
+    """(μ, σ) [D, C, H, W] for `depths` and the metadata, after checking the file was made for this model (its
+    weight `fingerprint`: facelab.models.pretrained.model_fingerprint), resolution and convention."""
     tensors, meta = read_stats(path)
-    resolution = denoiser.unet.config.sample_size
-    if meta["model_sha256"] != model_fingerprint(denoiser):
+    if meta["model_sha256"] != fingerprint:
         raise InputError(f"{path}: statistics were computed for model {meta['model']!r}, not for "
                          f"model.pretrained={model_name} (different weights); recompute them with "
                          f"`python -m facelab.fuzzy_stats model.pretrained={model_name}`")
@@ -165,27 +162,3 @@ def load_stats(path: Path, denoiser: Denoiser, model_name: str, depths: Sequence
         raise InputError(f"{path}: statistics come from N={meta['N']} images, but zscore_N={N}")
     index = [meta["depths"].index(d) for d in depths]
     return tensors["mean"][index], tensors["std"][index], meta
-
-
-def compute_stats(cfg: DictConfig) -> Path:
-    """μ_d, σ_d of e_d over N clean synthetic training faces; written as safetensors with metadata."""
-    device = device_of(cfg)
-    denoiser = load_denoiser(cfg.model.pretrained, device)
-    depths = check_depths(cfg.zscore_set, denoiser.schedule.num_train_timesteps)
-    if cfg.N < 2:
-        raise InputError(f"N={cfg.N}: statistics need at least 2 images")
-    out = Path(cfg.out)
-    if out.exists() and not cfg.overwrite:
-        raise FileExistsError(f"{out}: already exists; not overwriting it (pass overwrite=true or another out=)")
-    resolution = denoiser.unet.config.sample_size
-    faces = SyntheticFaces(size=resolution, length=cfg.N, seed=cfg.faces.seed, start=cfg.faces.start)
-    gen = generator(cfg.seed, device, PROJECTION_STREAM)
-    moments = RunningMoments()
-    for first in tqdm(range(0, cfg.N, cfg.batch_size), desc="projection statistics", disable=not cfg.progress):
-        y = torch.stack([faces[i]["image"] for i in range(first, min(first + cfg.batch_size, cfg.N))]).to(device)
-        moments.update(project_errors(denoiser, y, depths, gen, cfg.projection_offset, cfg.projection_step)[1])
-    metadata = {"model": str(cfg.model.pretrained), "model_sha256": model_fingerprint(denoiser),
-                "resolution": resolution, **convention(cfg.projection_offset, cfg.projection_step),
-                "seed": int(cfg.seed), "faces": {"dataset": "synthetic", "seed": int(cfg.faces.seed),
-                                                 "start": int(cfg.faces.start)}}
-    return save_stats(out, moments, depths, metadata, cfg.overwrite)
