@@ -27,7 +27,7 @@ from test_contracts import SAMPLER_STEPS, TINY  # noqa: E402  (the same tiny run
 BIASED = ["model.pretrained=ddpm64_biased"]  # the zoo's h-classifier reads this model's h
 TERMS = {
     "record": [],
-    "attribute": [],
+    "attribute": ["target.Smiling=1"],
     "debias": ["target.Male=0.5", "guidance.debias.head_lookup=nearest"],
     "debias_image": ["target.Male=0.5"],
     "hedit": [],  # + the direction file made first
@@ -60,7 +60,7 @@ def main() -> dict:
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
         hedit = direction_file(Path(tmp) / "pca")
-        term_args = {**TERMS, "hedit": [f"guidance.hedit.file={hedit}"]}
+        term_args = {**TERMS, "hedit": [f"guidance.hedit.file={hedit}", "sampler.steps=10"]}  # the file's grid
         terms = {method: {term: cell([f"method={method}", *TINY[method], f"guidance=[{term}]", *args,
                                       *(BIASED if term == "debias" and method in ("generate", "fuzzy") else [])])
                           for term, args in term_args.items()} for method in TINY}
@@ -71,9 +71,10 @@ def main() -> dict:
                 "method=fuzzy", "mode=replace", "num_samples=2", *BIASED, "guidance=[debias]", "target.Male=0.5",
                 "guidance.debias.head_lookup=nearest"],
             "direction edit during fuzzy correction": [
-                "method=fuzzy", "mode=replace", "num_samples=2", "guidance=[hedit]", f"guidance.hedit.file={hedit}"],
+                "method=fuzzy", "mode=replace", "num_samples=2", "guidance=[hedit]", f"guidance.hedit.file={hedit}",
+                "sampler.steps=10"],
             "attribute guidance on Collaborative Diffusion (through the decoder)": [
-                "method=codiff", "num_samples=1", "batch_size=1", "guidance=[attribute]"],
+                "method=codiff", "num_samples=1", "batch_size=1", "guidance=[attribute]", "target.Smiling=1"],
         }
         shown = {name: cell(args) for name, args in showcases.items()}
     results = {"terms": terms, "samplers": samplers, "showcases": {k: {"overrides": showcases[k], "status": v}
