@@ -4,6 +4,7 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
 from hydra.utils import instantiate
 
 from facelab.io.errors import InputError
@@ -66,3 +67,31 @@ def test_method_runs_under_sampler(method, sampler, tmp_path):
     assert (Path(tmp_path) / "run" / "metrics.json").is_file()
     numbers = [v for v in metrics.values() if isinstance(v, float)]
     assert all(math.isfinite(v) for v in numbers)
+
+
+def _images(folder: Path):
+    from facelab.api import read_run
+
+    return read_run(folder, {}).images
+
+
+def test_fuzzy_composes_with_debiasing_and_a_direction_edit(tmp_path):
+    """Fuzzy correction + distribution debiasing, and a direction edit during fuzzy correction: each term changes the
+    corrected faces (same seed, same inputs)."""
+    base = ["method=fuzzy", "mode=replace", "num_samples=1", "sampler.steps=10", "progress=false", "device=cpu"]
+    run_sample(compose_config("sample", ["method=directions", *TINY["directions"], "progress=false", "device=cpu"],
+                              tmp_path / "pca"))
+    runs = {
+        "plain": [*base],
+        "hedit": [*base, "guidance=[hedit]", f"guidance.hedit.file={tmp_path / 'pca' / 'directions.safetensors'}",
+                  "guidance.hedit.scale=20"],
+        "plain_biased": [*base, "model.pretrained=ddpm64_biased"],
+        "debias": [*base, "model.pretrained=ddpm64_biased", "guidance=[debias]", "target.Male=0.5",
+                   "guidance.debias.head_lookup=nearest"],
+    }
+    images = {}
+    for name, overrides in runs.items():
+        run_sample(compose_config("sample", overrides, tmp_path / name))
+        images[name] = _images(tmp_path / name)
+    assert not torch.equal(images["plain"], images["hedit"])
+    assert not torch.equal(images["plain_biased"], images["debias"])
