@@ -41,3 +41,19 @@ class SampleGrid(pl.Callback):
     def on_train_end(self, trainer, pl_module):
         if not self.every_n_steps or trainer.global_step % self.every_n_steps:
             self._log(trainer, pl_module)
+
+
+RUN_RECORD = "facelab_run"  # the checkpoint key of RunRecord's entry
+
+
+class RunRecord(pl.Callback):
+    """Write the run's composed config (unresolved, plain data) into every checkpoint under `RUN_RECORD`.
+
+    facelab.train compares it with a resuming run's config, so that a checkpoint resumes only the run it belongs to.
+    """
+
+    def __init__(self, config: dict):
+        self.config = config
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        checkpoint[RUN_RECORD] = {"format": 1, "config": self.config}
