@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]  # the checkout: paths under it are recorded relative to it
 sys.path.insert(0, str(HERE))
 from cases import CASES, outputs, results  # noqa: E402
 
@@ -17,7 +18,7 @@ from facelab.utils import compose_config  # noqa: E402
 
 def run_case(name: str, run_dir: Path):
     metrics = run_sample(compose_config("sample", [*CASES[name], "progress=false", "device=cpu"], run_dir))
-    text = json.dumps(results(metrics), default=str).replace(str(run_dir), "<run>")
+    text = json.dumps(results(metrics), default=str).replace(str(run_dir), "<run>").replace(str(ROOT), "<root>")
     return outputs(run_dir), json.loads(text)
 
 
