@@ -24,10 +24,10 @@ preservation rate of the others (against the counterfactual's ground truth, else
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torch import Tensor
 
 from facelab.diffusion import DDIM, Sampler
@@ -52,6 +52,7 @@ from facelab.models.classifier import load_classifier
 from facelab.models.pretrained import load_denoiser
 from facelab.runner import Runner, stream_number
 from facelab.sources import ImageFolderSource, Inputs, Source, SyntheticSource, build, named_as
+from facelab.utils import typed_options
 
 GRID_FACES = 16
 KNOBS = {"source.path": "gt_path", "source.attributes": "method.labels", "source.count": "num_samples",
@@ -79,14 +80,9 @@ class Options:
     labels: object
     previews: int
 
-    @classmethod
-    def of(cls, method: DictConfig) -> Options:
-        values = OmegaConf.to_container(method, resolve=True)
-        return cls(**{field.name: values[field.name] for field in fields(cls)})
-
 
 def run(cfg: DictConfig, runner: Runner) -> dict:
-    opts = Options.of(cfg.method)
+    opts = typed_options(Options, cfg.method)
     sampler = check_options(cfg, opts, runner.sampler())
     source, knobs = input_source(cfg, opts)
     with named_as(knobs):

@@ -17,10 +17,10 @@ synthetic faces in the evaluator's features).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from facelab.evaluators import AttributeEvaluator, guidance_networks
 from facelab.guidance.debias import DEFAULT_TARGET, MODES, HSpaceDebias, ImageDebias, target_distributions
@@ -30,6 +30,7 @@ from facelab.models.classifier import load_classifier
 from facelab.models.hclassifier import find_hclassifier, load_hclassifier
 from facelab.models.pretrained import load_denoiser
 from facelab.runner import Runner
+from facelab.utils import typed_options
 
 GRID_IMAGES = 64  # the first images shown in grid.png
 
@@ -57,14 +58,9 @@ class Options:
     eval_classifier: str | None
     real_faces: dict
 
-    @classmethod
-    def of(cls, method: DictConfig) -> Options:
-        values = OmegaConf.to_container(method, resolve=True)
-        return cls(**{field.name: values[field.name] for field in fields(cls)})
-
 
 def run(cfg: DictConfig, runner: Runner) -> dict:
-    opts = Options.of(cfg.method)
+    opts = typed_options(Options, cfg.method)
     if opts.mode not in MODES:
         raise InputError(f"mode={opts.mode!r}: method=debias takes {', '.join(MODES)}")
     sampler = runner.sampler()

@@ -16,11 +16,11 @@ by `python -m facelab.fuzzy_stats`), the anomaly map and its AUROC / AP (facelab
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torch import Tensor
 
 from facelab.diffusion import RePaint
@@ -33,6 +33,7 @@ from facelab.metrics.anomaly import anomaly_map, anomaly_metrics, self_degrade
 from facelab.models.pretrained import load_denoiser
 from facelab.runner import Runner
 from facelab.sources import ImageFolderSource, ImageMaskSource, Source, SyntheticSource, build, check_disjoint, named_as
+from facelab.utils import typed_options
 
 MODES = ("mask", "modulate", "replace", "zscore")
 # maps/{name}.npz keys of the per-image float results (plus m_applied_dt{Δt}: the per-step weight of a step Δt)
@@ -69,11 +70,6 @@ class Options:
     zscore_N: int | None
     faces: dict
 
-    @classmethod
-    def of(cls, method: DictConfig) -> Options:
-        values = OmegaConf.to_container(method, resolve=True)
-        return cls(**{field.name: values[field.name] for field in fields(cls)})
-
     @property
     def needs_masks(self) -> bool:
         return self.mode in ("mask", "modulate")
@@ -104,7 +100,7 @@ class Options:
 
 
 def run(cfg: DictConfig, runner: Runner) -> dict:
-    opts = Options.of(cfg.method)
+    opts = typed_options(Options, cfg.method)
     sampler, terms = runner.sampler(), runner.guidance()
     strength = opts.check(sampler)
     source, knobs = input_source(cfg, opts)
