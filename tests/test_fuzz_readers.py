@@ -13,9 +13,10 @@ from PIL import Image
 
 from facelab.io import InputError, read_image, read_keep_mask, read_mask
 
-FAST = settings(max_examples=40, deadline=None, database=None,
+# The fast suite replays one fixed set of examples (CI must not flake); the slow LONG runs explore afresh.
+FAST = settings(max_examples=40, deadline=None, database=None, derandomize=True,
                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
-LONG = settings(FAST, max_examples=600)
+LONG = settings(FAST, max_examples=600, derandomize=False)
 
 MODES = ("1", "L", "LA", "P", "PA", "RGB", "RGBA", "CMYK", "YCbCr", "I;16", "I", "F", "LAB", "HSV")
 FORMATS = ("PNG", "TIFF", "BMP", "JPEG", "WEBP", "GIF", "PPM")
@@ -204,11 +205,12 @@ def tensor_files(draw):
     buffer = io.BytesIO()
     with np.errstate(invalid="ignore", over="ignore"):
         if dtype == "bfloat16" or (suffix == ".pt" and dtype not in ("<U1", "uint64")):
-            tensor = torch.from_numpy(values.astype(np.float32)).to(getattr(torch, dtype)
+            tensor = torch.from_numpy(np.asarray(values, dtype=np.float32)).to(getattr(torch, dtype)
                                                                       if dtype not in ("<U1", "uint64") else torch.float)
             torch.save(tensor, buffer)
             suffix = ".pt"
         else:
+            values = np.asarray(values)  # shape () draws give a numpy scalar
             np.save(buffer, values.astype(np.str_) if dtype == "<U1" else values.astype(dtype))
             suffix = ".npy"
     data = buffer.getvalue()

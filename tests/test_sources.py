@@ -27,6 +27,7 @@ from facelab.sources import (
     build,
     check_disjoint,
 )
+from facelab.utils import typed_options
 
 R = 16
 ATTRS = ["Male", "Smiling", "Eyeglasses", "Young"]
@@ -95,7 +96,7 @@ def fuzzys_former_inputs(cfg, resolution):
 
 def fuzzys_inputs(cfg):
     """What method=fuzzy reads now: its own source (gt_path / mask_path or method.faces) without +source."""
-    source, default = fuzzy.input_source(cfg, fuzzy.Options.of(cfg.method))
+    source, default = fuzzy.input_source(cfg, typed_options(fuzzy.Options, cfg.method))
     assert default
     return source.load(R)
 
@@ -146,7 +147,7 @@ def cyclediffs_former_counterfactuals(faces, count, flips):
 
 def cyclediffs_inputs(cfg):
     """What method=cyclediff reads now without +source: its own source (method.faces, or gt_path + method.labels)."""
-    source, knobs = cyclediff.input_source(cfg, cyclediff.Options.of(cfg.method))
+    source, knobs = cyclediff.input_source(cfg, typed_options(cyclediff.Options, cfg.method))
     assert knobs
     return source.load(R)
 
