@@ -6,22 +6,33 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 RUN := WANDB_MODE=offline HF_HUB_OFFLINE=1 $(BIN)/python
 STAMP := $(VENV)/.installed
+REFS := $(VENV)/refs
 
-.PHONY: install test test-all lint demo zoo bench clean
+.PHONY: install browser test test-all lint demo zoo bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
 	$(BIN)/python -m pip install -q -e '.[dev]'
+	# the original methods' code, for equivalence tests of the converters only (tests put $(REFS) on sys.path)
+	$(BIN)/python -m pip install -q --no-deps --target $(REFS) guided-diffusion-sdk==1.0.0 stable-diffusion-sdkit==2.1.5
 	touch $@
 
 install: $(STAMP)
 
-test: $(STAMP)
+# Chromium for tests/test_browser.py (Debian's packages); the test is skipped, saying why, where this cannot install it
+browser:
+	@test -x /usr/bin/chromium -a -x /usr/bin/chromedriver || \
+	  { $$( [ "$$(id -u)" != 0 ] && command -v sudo >/dev/null && echo sudo) apt-get update -qq && \
+	    $$( [ "$$(id -u)" != 0 ] && command -v sudo >/dev/null && echo sudo) env DEBIAN_FRONTEND=noninteractive \
+	    apt-get install -y -qq chromium chromium-driver >/dev/null; } || \
+	  echo "facelab: chromium not installed: tests/test_browser.py is skipped"
+
+test: $(STAMP) browser
 	WANDB_MODE=disabled HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
 
-test-all: $(STAMP)
+test-all: $(STAMP) browser
 	WANDB_MODE=disabled HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m ""
 
 lint: $(STAMP)

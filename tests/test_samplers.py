@@ -134,7 +134,7 @@ def test_a_nan_or_runaway_sample_stops_at_its_step():
     def poisoned(x, t, cond=None):  # finite until t < 500, then NaN
         return torch.full_like(x, float("nan")) if t < 500 else torch.zeros_like(x)
 
-    with pytest.raises(NonFiniteError, match=r"after reverse step 25 \(t = 480\)"):  # leading grid: 980, 960, …
+    with pytest.raises(NonFiniteError, match=r"at reverse step 25 \(t = 480\): the model.s output ε turned NaN.* sample\(s\) 0 of"):  # leading grid: 980, 960, …
         sample(poisoned, schedule, torch.zeros(1, 3, 4, 4), sampler=DDIM(steps=50, clip=False), progress=False)
     with pytest.raises(NonFiniteError, match="beyond"):
         sample(lambda x, t, c: torch.full_like(x, -1e9), schedule, torch.zeros(1, 3), list(range(999, 0, -100)),
@@ -144,6 +144,23 @@ def test_a_nan_or_runaway_sample_stops_at_its_step():
         assert torch.isnan(sample(poisoned, schedule, torch.zeros(1, 3), sampler=DDIM(steps=50), progress=False)).all()
     finally:
         WATCH.reset(token)
+
+
+def test_the_watch_names_the_guidance_term_and_the_samples():
+    from facelab.diffusion import Guidance, NonFiniteError
+
+    class Poison(Guidance):  # ε of sample 1 turns infinite below t = 500; the model itself stays finite
+        def after_model(self, state):
+            if state.t < 500:
+                eps = state.eps.clone()
+                eps[1] = float("inf")
+                state.eps = eps
+
+    with pytest.raises(NonFiniteError, match=r"at reverse step 25 \(t = 480\): the ε / x̂0 edit \(after_model\) of "
+                                             r"guidance term Poison turned NaN.* sample\(s\) 1 of the batch") as err:
+        sample(lambda x, t, c: torch.zeros_like(x), Schedule(CONFIG), torch.zeros(3, 3, 4, 4),
+               sampler=DDIM(steps=50), guidance=[Poison()], progress=False)
+    assert err.value.samples == [1]
 
 
 def test_nan_weights_exit_2_with_one_line(tiny_model_dir, tmp_path):
@@ -160,5 +177,6 @@ def test_nan_weights_exit_2_with_one_line(tiny_model_dir, tmp_path):
     res = run_cli("sample", f"model.pretrained={bad}", "num_samples=1", "sampler.steps=3", "device=cpu",
                   f"hydra.run.dir={tmp_path / 'run'}")
     assert res.returncode == 2, res.stderr
-    assert res.stderr.strip().splitlines()[-1].startswith("facelab: error: sampling diverged")
+    last = res.stderr.strip().splitlines()[-1]  # refused when loaded, naming the weight
+    assert last.startswith("facelab: error: denoiser ") and "weight unet.conv_out.bias holds 3 NaN" in last, last
     assert not (tmp_path / "run" / "metrics.json").exists()

@@ -35,6 +35,7 @@ from facelab.guidance.cyclediff import RECONSTRUCTION, REFERENCE_ATTRIBUTES, REF
 from facelab.io.grids import save_grid
 from facelab.io.images import read_image
 from facelab.sample import run_cell
+from facelab.sweeps import write_page
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
@@ -156,6 +157,7 @@ def main(argv: list[str] | None = None) -> dict:
     figure(root / "start_edit_friendly", args.attributes, args.out / "figures" / "edits.png")
     (args.out / "results.json").write_text(json.dumps(results, indent=2))
     (args.out / "results.md").write_text(report(results))
+    print(f"page: {write_page(root, title='facelab study: cyclediff')}")  # every cell side by side
     return results
 
 

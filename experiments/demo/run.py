@@ -5,8 +5,6 @@ Each showcase is an ordinary `python -m facelab.sample ...` command line; a meth
 """
 from __future__ import annotations
 
-import html
-import json
 import os
 import shutil
 import subprocess
@@ -29,26 +27,23 @@ SHOWCASES = {
 
 
 def main(figures: bool = False) -> Path:
+    from facelab.io.gallery import render_overview
+
     demo = ROOT / "outputs" / "demo" / time.strftime("%Y-%m-%d_%H-%M-%S")
-    rows = []
     for name, overrides in SHOWCASES.items():
         run_dir = demo / name
         cmd = [sys.executable, "-m", "facelab.sample", *overrides, f"hydra.run.dir={run_dir}"]
         print("$", " ".join(cmd[1:]), flush=True)
         start = time.perf_counter()
         subprocess.run(cmd, check=True, cwd=ROOT, env={**os.environ, "FACELAB_ROOT": str(ROOT)})
-        metrics = json.loads((run_dir / "metrics.json").read_text())
+        print(f"{name}: {time.perf_counter() - start:.0f} s", flush=True)
         if figures:
             (HERE / "figures").mkdir(exist_ok=True)
             shutil.copy(run_dir / "grid.png", HERE / "figures" / f"{name}.png")
             shutil.copy(run_dir / "metrics.json", HERE / "figures" / f"{name}.json")
-        rows.append(f"<h2>{html.escape(name)}</h2><p><code>python -m facelab.sample {html.escape(' '.join(overrides))}"
-                    f"</code> ({time.perf_counter() - start:.0f} s) · <a href='{name}/index.html'>full run</a></p>"
-                    f"<img src='{name}/grid.png'><pre>{html.escape(json.dumps(metrics, indent=1))}</pre>")
-    index = demo / "index.html"
-    index.write_text("<!doctype html><meta charset='utf-8'><title>facelab demo</title>"
-                     "<style>body{font-family:sans-serif}img{image-rendering:pixelated}</style>"
-                     "<h1>facelab demo: the zoo models through every method</h1>" + "\n".join(rows))
+    index = render_overview(demo, list(SHOWCASES), "facelab demo: the zoo models through every method",
+                            "Each section is one ordinary run: what the method does, the command that reproduces it, "
+                            "its key metrics and its main grid; its own page has every image, plot and setting.")
     print(f"gallery: {index}")
     return index
 

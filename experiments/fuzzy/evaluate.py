@@ -25,6 +25,7 @@ from facelab.io.grids import save_grid
 from facelab.io.images import read_image
 from facelab.models.pretrained import zoo_names
 from facelab.sample import run_cell
+from facelab.sweeps import write_page
 from facelab.utils import compose_config
 
 HERE = Path(__file__).resolve().parent
@@ -109,6 +110,7 @@ def main() -> dict:
     earlier.write_text(json.dumps(results, indent=2))
     (HERE / "results.md").write_text(markdown(results))
     print(markdown(results))
+    print(f"page: {write_page(root, title='facelab study: fuzzy')}")  # every cell side by side
     return results
 
 

@@ -88,12 +88,17 @@ def read_shard_meta(path: Path) -> tuple[dict, int]:
     try:
         with safe_open(str(path), "pt") as file:
             meta = json.loads((file.metadata() or {}).get("meta", "{}"))
-            rows = file.get_slice("h").get_shape()[0] if "h" in file.keys() else 0
+            shapes = {key: file.get_slice(key).get_shape() for key in ("h", "labels") if key in file.keys()}
     except (SafetensorError, OSError, ValueError) as err:
         raise InputError(f"{path}: not a safetensors file ({err})") from None
-    if meta.get("format") != FORMAT:
-        raise InputError(f"{path}: not a facelab h-space shard (format {meta.get('format')!r})")
-    return meta, rows
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise InputError(f"{path}: not a facelab h-space shard (format "
+                         f"{meta.get('format') if isinstance(meta, dict) else None!r})")
+    h, labels = shapes.get("h"), shapes.get("labels")
+    if h is None or labels is None or len(h) < 2 or len(labels) != 2 or h[0] != labels[0]:
+        raise InputError(f"{path}: h {h} and labels {labels} do not fit (expected h [N, T, ...] and labels [N, A]); "
+                         "the shard is damaged")
+    return meta, h[0]
 
 
 class HSpaceDataset(Dataset):

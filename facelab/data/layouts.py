@@ -130,8 +130,8 @@ class CelebAHQ(Dataset):
                 raise InputError(f"{candidates[0]}: caption file not found; pass with_captions=False to skip captions")
             return None
         try:
-            entries = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            entries = json.loads(_read_text(path))
+        except json.JSONDecodeError as err:
             raise InputError(f"{path}: invalid JSON ({err})") from None
         if not isinstance(entries, dict):
             raise InputError(f"{path}: expected an object keyed by image name, like {{\"0.jpg\": {{...}}}}")
@@ -226,10 +226,13 @@ class ClassFolders(Dataset):
 def read_attribute_file(path: str | Path) -> tuple[list[str], dict[str, np.ndarray]]:
     """Parse a CelebA-style attribute file: names and {image stem: float32 0/1 vector} (1 -> 1; -1 or 0 -> 0)."""
     path = Path(path)
-    lines = [line.split() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    if len(lines) < 2 or len(lines[0]) != 1 or not lines[0][0].isdigit():
+    lines = [line.split() for line in _read_text(path).splitlines() if line.strip()]
+    if len(lines) < 2 or len(lines[0]) != 1 or not (lines[0][0].isascii() and lines[0][0].isdigit()):
         raise InputError(f"{path}: expected a count line, an attribute-names line, then one row per image")
     names, rows = lines[1], {}
+    if len(set(names)) != len(names):
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        raise InputError(f"{path}: attribute names repeat ({_preview(repeated)})")
     for number, row in enumerate(lines[2:], start=3):
         if len(row) != len(names) + 1 or not set(row[1:]) <= {"1", "-1", "0"}:
             raise InputError(f"{path}: line {number}: expected an image name and {len(names)} values of 1/-1")
@@ -387,20 +390,31 @@ def _check_matched(names: Sequence[str], available, source: Path, what: str) -> 
 
 def _preview(names: Sequence[str], limit: int = 5) -> str:
     more = f" (+{len(names) - limit} more)" if len(names) > limit else ""
-    return ", ".join(names[:limit]) + more
+    return ", ".join(name if name.isprintable() and name.strip() == name and name else repr(name)
+                     for name in names[:limit]) + more
 
 
 def _select_split(images: dict[str, Path], root: Path, split: str | Path) -> dict[str, Path]:
     path = next((p for p in (root / "splits" / f"{split}.txt", Path(split)) if p.is_file()), None)
     if path is None:
         raise InputError(f"split {str(split)!r}: neither {root / 'splits' / f'{split}.txt'} nor a file")
-    wanted = [Path(line.split()[0]).stem for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    wanted = [Path(line.split()[0]).stem for line in _read_text(path).splitlines() if line.strip()]
     missing = [name for name in wanted if name not in images]
     if missing:
         raise InputError(f"{path}: {len(missing)} listed image(s) not in {IMAGE_DIR}/: {_preview(missing)}")
     if not wanted:
         raise InputError(f"{path}: empty split file")
     return {name: images[name] for name in wanted}
+
+
+def _read_text(path: Path) -> str:
+    """A UTF-8 text file's contents, or one line saying why not."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise InputError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+    except OSError as err:
+        raise InputError(f"{path}: unreadable ({err.strerror})") from None
 
 
 def _caption_text(entry, path: Path, name: str) -> str:

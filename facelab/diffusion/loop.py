@@ -9,8 +9,10 @@ Per reverse step t → s the hook points are, in order:
   4. the update             the sampler's step (samplers.py);
   5. `after_update(state)`  sees state.x = x_s (record, project); then `callback(state)`.
 A step to a higher time (RePaint jump) applies the forward kernel q(x_s | x_t) with fresh noise instead.
-After every update the loop watches x for NaN, ±inf and runaway values (|x| > RUNAWAY) on the device, without a
-sync per step, and stops with `NonFiniteError` naming the first bad step (checked every CHECK_EVERY steps).
+After every stage of a step (each guidance hook, the model's ε, the sampler's update) the loop watches its tensor
+for NaN, ±inf and runaway values (|·| > RUNAWAY) per sample on the device, without a sync per step, and stops with
+`NonFiniteError` naming the first bad step, the stage that produced it and the samples (read every CHECK_EVERY
+steps).
 """
 
 from __future__ import annotations
@@ -37,28 +39,59 @@ WATCH = ContextVar("facelab_watch", default=True)  # off for studies of presets 
 
 
 class NonFiniteError(InputError):
-    """x became NaN, ±inf or ran away during sampling: a bad model, statistics file or guidance scale."""
+    """A sample became NaN, ±inf or ran away during sampling: a bad model, statistics file or guidance scale.
+    `samples` are the affected rows of the batch (the runner turns them into item numbers)."""
+
+    def __init__(self, message: str, samples: Sequence[int] = ()):
+        super().__init__(message)
+        self.samples = list(samples)
 
 
 class FiniteWatch:
-    """The first reverse step (index, t) at which x stopped being finite and bounded, tracked on x's device."""
+    """Per sample, the first (reverse step, stage) whose tensor stopped being finite and bounded, tracked on the
+    device: `see` costs one reduction and no sync; `check` reads the result."""
 
     def __init__(self):
-        self.first: Tensor | None = None
+        self.step: Tensor | None = None  # [B] first bad reverse step, -1 while good
+        self.stage: Tensor | None = None  # [B] index into self.stages
+        self.stages: list[str] = []
         self.times: list[int] = []
 
-    def update(self, x: Tensor, i: int, t: int) -> None:
-        bad = ~(torch.isfinite(x) & (x.abs() <= RUNAWAY)).all()
-        if self.first is None:
-            self.first = torch.full((), -1, dtype=torch.long, device=x.device)
-        self.first = torch.where(bad & (self.first < 0), torch.full_like(self.first, i), self.first)
-        self.times.append(t)
+    def see(self, value: Tensor, i: int, stage: str) -> None:
+        if value is None:
+            return
+        if stage not in self.stages:
+            self.stages.append(stage)
+        flat = value.detach().reshape(len(value), -1) if value.dim() > 1 else value.detach()[:, None]
+        bad = ~(torch.isfinite(flat) & (flat.abs() <= RUNAWAY)).all(1)
+        if self.step is None:
+            self.step = torch.full(bad.shape, -1, dtype=torch.long, device=bad.device)
+            self.stage = torch.zeros_like(self.step)
+        if bad.shape != self.step.shape:  # a term changed the batch: watch it as one
+            bad, self.step, self.stage = bad.any().expand(1), self.step[:1], self.stage[:1]
+        new = bad & (self.step < 0)
+        self.step = torch.where(new, i, self.step)
+        self.stage = torch.where(new, self.stages.index(stage), self.stage)
 
     def check(self) -> None:
-        if self.first is not None and (i := int(self.first)) >= 0:
-            raise NonFiniteError(f"sampling diverged: x is NaN, infinite or beyond ±{RUNAWAY:g} after reverse step "
-                                 f"{i} (t = {self.times[i]}); check the model weights, statistics files and guidance "
-                                 "scales")
+        if self.step is None or not (self.step >= 0).any():
+            return
+        i = int(self.step[self.step >= 0].min())
+        rows = (self.step == i).nonzero().flatten().tolist()
+        stage = self.stages[int(self.stage[rows[0]])]
+        raise NonFiniteError(f"sampling diverged at reverse step {i} (t = {self.times[i]}): {stage} turned NaN, "
+                             f"infinite or beyond ±{RUNAWAY:g} for sample(s) {_listed(rows)} of the batch; check the "
+                             "model weights, statistics files and guidance scales", rows)
+
+
+def _listed(rows: list[int], limit: int = 8) -> str:
+    return ", ".join(map(str, rows[:limit])) + (f" (+{len(rows) - limit} more)" if len(rows) > limit else "")
+
+
+def _stage(fn: Callable, hook: str) -> str:
+    """How the watch names a guidance hook: its term's class."""
+    owner = getattr(fn, "__self__", None)
+    return f"the {hook} of guidance term {type(owner).__name__ if owner is not None else fn.__name__}"
 
 
 class Guidance:
@@ -171,8 +204,12 @@ def sample(model: Callable, schedule: Schedule, x: Tensor, timesteps: Sequence[i
                 continue
             state.t, state.s, state.i = t, s, i
             state.eps_direction = state.v = state._eps = state._x0 = None
+            if watch is not None:
+                watch.times.append(t)
             for fn in before:
                 fn(state)
+                if watch is not None:
+                    watch.see(state.x, i, _stage(fn, "x_t edit (before_model)"))
             state.x_t = state.x
             if editors:
                 with ExitStack() as stack:
@@ -185,22 +222,29 @@ def sample(model: Callable, schedule: Schedule, x: Tensor, timesteps: Sequence[i
                 state.eps = model(state.x_t, t, state.cond)
             if learned:
                 state.v = model.last_variance
+            if watch is not None:
+                watch.see(state.eps, i, "the model's output ε")
             for fn in after:
                 fn(state)
+                if watch is not None:
+                    watch.see(state._eps if state._eps is not None else state._x0, i,
+                              _stage(fn, "ε / x̂0 edit (after_model)"))
             if state.eps_direction is not None:
                 sampler.check(asymmetric=True)
             noise = None if noises is None else noises[i]
             state.x = sampler.step(schedule, state.x_t, t, s, state.eps, noise, x0=state.x0, i=i, v=state.v,
                                    eps_direction=state.eps_direction, generator=generator, memory=memory)
+            if watch is not None:
+                watch.see(state.x, i, f"x after the {sampler.name} update")
             for fn in updated:
                 fn(state)
+                if watch is not None:
+                    watch.see(state.x, i, _stage(fn, "x edit (after_update)"))
             if callback is not None:
                 callback(state)
             i += 1
-            if watch is not None:
-                watch.update(state.x, i - 1, t)
-                if i % CHECK_EVERY == 0:
-                    watch.check()
+            if watch is not None and i % CHECK_EVERY == 0:
+                watch.check()
     if watch is not None:
         watch.check()
     return state.x

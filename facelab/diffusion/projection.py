@@ -22,6 +22,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from facelab.io.errors import InputError
+from facelab.io.metadata import INT, int_list, require, tensor
 
 from .denoiser import Denoiser
 from .schedule import randn_like
@@ -113,7 +114,7 @@ def save_stats(path: Path, moments: RunningMoments, depths: Sequence[int], metad
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path}: already exists; not overwriting it (pass overwrite=true or another out=)")
     path.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"format": FORMAT, "depths": list(map(int, depths)), "N": moments.n, **metadata}
+    meta = {**metadata, "format": FORMAT, "depths": list(map(int, depths)), "N": moments.n}  # what it holds wins
     save_file({"mean": moments.mean.contiguous(), "std": moments.std.contiguous()}, str(path),
               metadata={key: json.dumps(value) for key, value in meta.items()})
     return path
@@ -133,9 +134,19 @@ def read_stats(path: Path) -> tuple[dict, dict]:
             meta = {key: json.loads(value) for key, value in (file.metadata() or {}).items()}
     except (SafetensorError, OSError, ValueError) as err:
         raise InputError(f"{path}: not a safetensors statistics file ({err})") from None
-    if meta.get("format") != FORMAT or not {"mean", "std"} <= set(tensors):
+    if meta.get("format") != FORMAT:
         raise InputError(f"{path}: not a facelab fuzzy statistics file (format {meta.get('format')!r})")
-    return tensors, meta
+    for key, types in (("model_sha256", (str,)), ("model", (str,)), ("resolution", INT), ("N", INT),
+                       ("projection_offset", (bool,)), ("projection_step", INT)):
+        require(path, meta, key, types)
+    depths = int_list(path, meta, "depths")
+    mean, std = tensor(path, tensors, "mean", dims=4), tensor(path, tensors, "std", dims=4)
+    if mean.shape != std.shape or len(mean) != len(depths):
+        raise InputError(f"{path}: mean {list(mean.shape)} and std {list(std.shape)} do not fit {len(depths)} depths "
+                         "(expected both [depths, C, H, W]); the file is damaged")
+    if (std < 0).any():
+        raise InputError(f"{path}: tensor 'std' has negative values; the file is damaged (recompute it)")
+    return {"mean": mean, "std": std}, meta
 
 
 def load_stats(path: Path, fingerprint: str, resolution: int, model_name: str, depths: Sequence[int], offset: bool,

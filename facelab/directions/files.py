@@ -19,6 +19,9 @@ from torch import Tensor
 
 from facelab.diffusion.schedule import SPACINGS
 from facelab.io.errors import InputError
+from facelab.io.metadata import int_list, parse_json, require, tensor
+
+DISCOVERY_METHODS = ("pca", "jacobian", "supervised", "conditional")
 
 
 @dataclass
@@ -69,11 +72,24 @@ class Directions:
                 tensors = {k: f.get_tensor(k) for k in f.keys()}
         except (SafetensorError, OSError) as err:
             raise InputError(f"{path}: not a safetensors direction file ({err})") from None
-        if header.get("facelab") != "directions" or "basis" not in tensors:
+        if header.get("facelab") != "directions":
             raise InputError(f"{path}: not a facelab direction file (written by method=directions discover=...)")
+        timesteps = int_list(path, {"timesteps": parse_json(path, "timesteps", header.get("timesteps"))}, "timesteps")
+        meta = require(path, {"meta": parse_json(path, "meta", header.get("meta"))}, "meta", (dict,), "a JSON object")
+        for key, types in (("params", (dict,)), ("method", (str,)), ("h_space", (str,)), ("global_at_idx", (bool,)),
+                           ("fingerprint", (str,))):
+            if key in meta:
+                require(path, meta, key, types)
+        if meta.get("method", "pca") not in DISCOVERY_METHODS:
+            raise InputError(f"{path}: unknown discovery method {meta['method']!r} (expected one of "
+                             f"{', '.join(DISCOVERY_METHODS)}); the file is damaged")
+        basis, scale = tensor(path, tensors, "basis").float(), tensor(path, tensors, "scale", dims=2).float()
+        if basis.dim() < 3 or tuple(scale.shape) != tuple(basis.shape[:2]) or basis.shape[1] != len(timesteps):
+            raise InputError(f"{path}: basis {list(basis.shape)}, scale {list(scale.shape)} and {len(timesteps)} "
+                             "timesteps do not fit together (expected basis [K, T, *h], scale [K, T]); the file is "
+                             "damaged")
         extras = {k[6:]: v for k, v in tensors.items() if k.startswith("extra.")}
-        return cls(tensors["basis"].float(), tensors["scale"].float(), json.loads(header["timesteps"]),
-                   json.loads(header["meta"]), extras)
+        return cls(basis, scale, timesteps, meta, extras)
 
     def check(self, fingerprint: str, where: str, timesteps: list[int], path: str = "", schedule=None) -> None:
         """Refuse a file made for another model, h location or timestep grid (one clear error each; with the

@@ -61,3 +61,36 @@ def load_checkpoint(path: str | Path) -> dict:
     except (RuntimeError, EOFError, KeyError, ValueError, IndexError, TypeError, AttributeError,
             struct.error, UnicodeDecodeError) as err:
         raise InputError(f"{path}: not a readable checkpoint, truncated or not a torch file ({_reason(err)})") from None
+
+
+def write_model_index(folder: str | Path, pipeline: str | None = None, extra: dict | None = None) -> Path:
+    """Write `folder`/model_index.json so diffusers' `DiffusionPipeline.from_pretrained(folder)` finds its parts.
+
+    Every sub-folder with a diffusers config (config.json or scheduler_config.json whose `_class_name` is a diffusers
+    class) becomes a component ["diffusers", class] (an attribute-conditional UNet: facelab's AttributeUNet2DModel);
+    other sub-folders (facelab's own models) are left out; `extra` adds or replaces components. `pipeline` defaults
+    to DDPMPipeline for a unet/ + scheduler/ folder, else DiffusionPipeline. An existing model_index.json is kept.
+    """
+    import diffusers
+
+    folder = Path(folder)
+    target = folder / "model_index.json"
+    if target.is_file():
+        return target
+    components: dict[str, list] = {}
+    for sub in sorted(p for p in folder.iterdir() if p.is_dir()):
+        for name in ("config.json", "scheduler_config.json"):
+            config = sub / name
+            if config.is_file():
+                class_name = json.loads(config.read_text()).get("_class_name")
+                if name == "config.json" and json.loads(config.read_text()).get("attributes"):
+                    components[sub.name] = ["facelab.models.pretrained", "AttributeUNet2DModel"]
+                elif class_name and hasattr(diffusers, class_name):
+                    components[sub.name] = ["diffusers", class_name]
+                break
+    components.update(extra or {})
+    if pipeline is None:
+        pipeline = "DDPMPipeline" if set(components) == {"unet", "scheduler"} else "DiffusionPipeline"
+    index = {"_class_name": pipeline, "_diffusers_version": diffusers.__version__, **components}
+    target.write_text(json.dumps(index, indent=2) + "\n")
+    return target

@@ -15,10 +15,15 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
     return x.movedim(-3, -1).numpy()
 
 
+def grid_columns(count: int, nrow: int | None = None) -> int:
+    """Images a row of a grid of `count` images: `nrow`, or a square's side by default."""
+    return nrow or math.ceil(math.sqrt(count))
+
+
 def image_grid(images: torch.Tensor, nrow: int | None = None, pad: int = 2, pad_value: int = 255) -> np.ndarray:
     """Tile [N,C,H,W] images in [-1,1] into one uint8 RGB array, `nrow` images per row."""
     n, c, h, w = images.shape
-    nrow = nrow or math.ceil(math.sqrt(n))
+    nrow = grid_columns(n, nrow)
     rows = math.ceil(n / nrow)
     tiles = to_uint8(images if c == 3 else images[:, :1].expand(-1, 3, -1, -1))
     grid = np.full((rows * (h + pad) + pad, nrow * (w + pad) + pad, 3), pad_value, np.uint8)

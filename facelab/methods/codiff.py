@@ -206,7 +206,8 @@ def generate(cfg: DictConfig, runner: Runner, opts: Options, sampler, collab: Co
         tiles, t = influence.tiles()
         labels = [f"{kind} {name}" for kind in ("learned I", "weight") for name in collab.names]
         runner.grid(tiles, "influence.png", "influence", f"rows: {', '.join(labels)}; columns: t = "
-                    f"{', '.join(map(str, t))}", nrow=len(t), upscale=max(1, images.shape[-1] // tiles.shape[-1]))
+                    f"{', '.join(map(str, t))}", nrow=len(t), upscale=max(1, images.shape[-1] // tiles.shape[-1]),
+                    rows=labels, cols=[f"t = {step}" for step in t], maps={"label": "influence", "vmin": 0, "vmax": 1})
         metrics.update(reweight=collab.reweight.options(), influence=influence.means(collab.names, inputs.mask))
     if evaluators:
         metrics["eval"] = {name: evaluator.score(images, **references(evaluator, inputs, len(images)))

@@ -47,7 +47,6 @@ from facelab.guidance.cyclediff import (
     start_point,
 )
 from facelab.io.errors import InputError
-from facelab.io.grids import save_grid
 from facelab.models.classifier import load_classifier
 from facelab.models.pretrained import load_denoiser
 from facelab.runner import Runner, stream_number
@@ -112,6 +111,7 @@ def run(cfg: DictConfig, runner: Runner) -> dict:
         if opts.previews else set()
     calls = runner.count_calls(denoiser.unet)
     decoded, edited, network_calls, losses = [], {name: [] for name in edits}, {}, []
+    previews = []  # (face, edit, its x̂0 at the preview steps): strips in the gallery, after the grids
     for first, n in runner.batches(len(inputs), desc="faces"):
         names = inputs.names[first:first + n]
         x_src, y_src = inputs.images[first:first + n].to(runner.device), y_source[first:first + n].to(runner.device)
@@ -148,10 +148,12 @@ def run(cfg: DictConfig, runner: Runner) -> dict:
             if found:
                 runner.save_images(torch.stack([truth[name][first + i]["image"] for i in found]), "counterfactuals",
                                    names=[f"{names[i]}_{name}" for i in found])
-            for face, steps in zip(names, torch.stack(frames, 1) if frames else []):
-                save_grid(steps, runner.out / "previews" / f"{face}_{name}.png", nrow=opts.previews, upscale=2)
+            previews += [(face, name, steps) for face, steps in zip(names, torch.stack(frames, 1) if frames else [])]
     decoded, edited = torch.cat(decoded), {name: torch.cat(batches) for name, batches in edited.items()}
     write_grids(runner, inputs, decoded, edited, truth)
+    for face, name, steps in previews:
+        runner.grid(steps, f"previews/{face}_{name}.png", "previews: x̂0 along each edit", f"{face}, edit {name}",
+                    nrow=opts.previews, upscale=2, cols=[f"t = {grid[i]}" for i in sorted(preview_steps)])
     if losses:
         runner.write_csv("losses.csv", losses)
 
@@ -228,15 +230,18 @@ def source_attributes(opts: Options, inputs: Inputs, attributes: list[str], clas
 def write_grids(runner: Runner, inputs: Inputs, decoded: Tensor, edited: dict, truth: dict) -> None:
     """grid.png (rows = faces; columns = input, decoded, each edit) and counterfactuals.png, in the gallery."""
     columns = [inputs.images, decoded, *edited.values()]
+    faces = inputs.names[:GRID_FACES]
     runner.grid(torch.stack([c[:GRID_FACES] for c in columns], 1).flatten(0, 1), "grid.png", "edits",
-                f"rows = faces; columns = input, decoded, {', '.join(edited)}", nrow=len(columns), upscale=2)
+                f"rows = faces; columns = input, decoded, {', '.join(edited)}", nrow=len(columns), upscale=2,
+                rows=faces, cols=["input", "decoded (no edit)", *(f"edit: {name}" for name in edited)])
     shown = [edit for edit in edited if any(item is not None for item in truth[edit])]
     if shown:
         blank = torch.zeros_like(inputs.images[0])
         columns = [inputs.images[:GRID_FACES]] + [torch.stack([blank if item is None else item["image"]
                                                                for item in truth[edit][:GRID_FACES]]) for edit in shown]
         runner.grid(torch.stack(columns, 1).flatten(0, 1), "counterfactuals.png", "ground truth",
-                    f"columns = input, counterfactual {', '.join(shown)}", nrow=len(columns), upscale=2)
+                    f"columns = input, counterfactual {', '.join(shown)}", nrow=len(columns), upscale=2,
+                    rows=faces, cols=["input", *(f"counterfactual: {name}" for name in shown)])
 
 
 def score_edit(inputs: Inputs, y_src: Tensor, flips: list[str], edited: Tensor, truth: list, attributes: list[str],

@@ -94,7 +94,8 @@ def run(cfg: DictConfig, runner: Runner) -> dict:
             adp.setdefault(name, []).append(probs.argmax(1).cpu())
         runner.save_images(images[-1], "samples", names=[f"{first // cfg.batch_size:04d}_{i:03d}" for i in range(n)])
     images, adp = torch.cat(images), {name: torch.cat(labels) for name, labels in adp.items()}
-    runner.grid(images[:GRID_IMAGES], "grid.png", "samples", "grid", upscale=2)
+    runner.grid(images[:GRID_IMAGES], "grid.png", "samples", f"the first {min(len(images), GRID_IMAGES)} samples",
+                upscale=2)
     scores = evaluator.score(images, targets=goals) if evaluator.enabled else {}
 
     seconds = runner.seconds["sampling"]

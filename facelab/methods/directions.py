@@ -32,7 +32,6 @@ from facelab.directions.trajectory import INVERSIONS, Start, decode_scales, deco
 from facelab.evaluators import AttributeEvaluator, SimilarityEvaluator
 from facelab.guidance.base import refuse_guidance
 from facelab.io.errors import InputError
-from facelab.io.grids import save_grid
 from facelab.io.images import save_image
 from facelab.models.classifier import load_classifier
 from facelab.models.pretrained import load_denoiser, model_fingerprint
@@ -277,15 +276,17 @@ def apply_directions(setup: Setup, directions: Directions, indices: list[int], s
                                                        evaluator.score(images[:, j])["probabilities"].items()}
                                         for j, scale in enumerate(scales)}
     every = torch.cat([rows[k][b] for b in range(len(start.names)) for k in indices])
+    cols = [f"scale {scale:g}" for scale in scales]
     runner.grid(every, "grid.png", "all faces", f"rows = (face, direction), columns = scales {scales}",
-                nrow=len(scales), upscale=2)
+                nrow=len(scales), upscale=2, cols=cols,
+                rows=[f"{name} · direction {k}" for name in start.names for k in indices])
     for b, name in enumerate(start.names):
-        path = save_grid(torch.cat([rows[k][b] for k in indices]), out / f"grid_{name}.png", nrow=len(scales),
-                         upscale=2)
-        row = [(f"{name}: rows = directions {indices}, columns = scales {scales}", path)]
         if start.images is not None:
-            row.insert(0, ("input", save_image(start.images[b].cpu(), out / "inputs" / f"{name}.png")))
-        runner.gallery.section(name).append(row)
+            runner.gallery.section(name).append(
+                [("input", save_image(start.images[b].cpu(), out / "inputs" / f"{name}.png"))])
+        runner.grid(torch.cat([rows[k][b] for k in indices]), f"grid_{name}.png", name,
+                    f"{name}: rows = directions {indices}, columns = scales {scales}", nrow=len(scales), upscale=2,
+                    rows=[f"direction {k}" for k in indices], cols=cols)
     if start.images is not None and 0.0 in scales:  # scale 0 must reproduce the inverted input
         decoded = rows[indices[0]][:, scales.index(0.0)]
         similarity = SimilarityEvaluator().score(decoded, start.images.cpu())

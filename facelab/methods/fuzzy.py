@@ -154,7 +154,10 @@ def run(cfg: DictConfig, runner: Runner) -> dict:
             if key in batch:
                 kept.setdefault(key, []).append(batch[key])
     results = {key: torch.cat(values) for key, values in kept.items()}
-    runner.grid(torch.stack(grid), "grid.png", GRID, "grid", nrow=len(grid) // len(inputs), upscale=2)
+    cols = ["clean face", "damaged input"] if opts.self_degrade else ["input"]
+    cols += ["1 − A (anomaly-free)" if depths else "keep weight m", "output"]
+    runner.grid(torch.stack(grid), "grid.png", "overview", GRID, nrow=len(grid) // len(inputs), upscale=2,
+                rows=inputs.names, cols=cols, maps={"label": cols[-2], "vmin": 0, "vmax": 1, "cols": [len(cols) - 2]})
 
     seconds, count = runner.seconds, len(inputs)
     total = seconds["projection"] + seconds["sampling"]

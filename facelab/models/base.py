@@ -145,8 +145,11 @@ class DiffusionModule(FacelabModule):
         self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=len(batch[self.hparams.image_key]))
 
     def export(self, folder: str | Path) -> Path:
-        """Write the EMA UNet and the scheduler as a diffusers folder (unet/, scheduler/)."""
+        """Write the EMA UNet and the scheduler as a diffusers folder (unet/, scheduler/, model_index.json)."""
+        from facelab.io.checkpoints import write_model_index
+
         folder = Path(folder)
         self.ema.module.save_pretrained(folder / "unet", safe_serialization=True)
         DDPMScheduler.from_config(self.schedule.config).save_pretrained(folder / "scheduler")
+        write_model_index(folder)
         return folder

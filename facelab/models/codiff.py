@@ -5,6 +5,8 @@ and noise schedule are mixed by a small UNet D_m per modality (facelab.diffusion
 ε-loss of the mixed prediction. An export is a folder with `codiff.json` (the modalities: each model's source and
 weight fingerprint, and the sampling reweighting defaults) and `diffusers_<name>/` (each D_m as a diffusers folder);
 the uni-modal models are loaded from their sources, once each, and refused if their weights changed since training.
+A source relative to the export that names a folder inside it is read from there (a converted release keeps its
+latent models as ldm_<name>/ beside the diffusers: facelab.convert.compvis).
 """
 from __future__ import annotations
 
@@ -230,7 +232,11 @@ def _from_folder(folder: Path, source: str, device, **options) -> CollaborativeD
     def diffuser(name: str, model: LatentModel) -> nn.Module:
         return UNet2DConditionModel.from_pretrained(folder / f"diffusers_{name}", low_cpu_mem_usage=False).float()
 
-    return _collaborative(json.loads((folder / MANIFEST).read_text()), diffuser, device, **options)
+    manifest = json.loads((folder / MANIFEST).read_text())
+    for entry in manifest["modalities"]:  # a model kept inside the folder (a converted checkpoint) is named relatively
+        if not Path(entry["source"]).is_absolute() and (folder / entry["source"]).is_dir():
+            entry["source"] = str(folder / entry["source"])
+    return _collaborative(manifest, diffuser, device, **options)
 
 
 def _collaborative(manifest: Mapping, diffuser, device, reweight: Reweight | None = None,

@@ -9,7 +9,7 @@ from facelab.io.errors import InputError
 from facelab.models.base import DEFAULT, NOT_HYPERPARAMETERS, DiffusionModule
 from facelab.models.components.attributes import attribute_unet
 from facelab.models.components.ema import EMA
-from facelab.models.pretrained import load_denoiser
+from facelab.models.pretrained import load_denoiser, weights_mismatch
 
 
 class PixelDDPM(DiffusionModule):
@@ -42,11 +42,12 @@ class PixelDDPM(DiffusionModule):
         self.unet = attribute_unet(unet, attributes) if attributes else UNet2DModel(**unet)
         if init_from:  # fine-tune: start from a trained model's weights (zoo name, diffusers folder or .ckpt)
             fresh = {k: v for k, v in self.unet.state_dict().items() if k.startswith("class_embedding.")}
-            try:  # an unconditional source keeps the fresh (zero-output) attribute embedding
-                self.unet.load_state_dict({**fresh, **load_denoiser(init_from).unet.state_dict()})
-            except RuntimeError as err:
-                raise InputError(f"model.init_from={init_from}: its weights do not fit model.unet / model.attributes "
-                                 f"({str(err).splitlines()[0]})") from None
+            source = {**fresh, **load_denoiser(init_from).unet.state_dict()}  # unconditional: keeps the fresh embedding
+            problem = weights_mismatch(self.unet.state_dict(), source)
+            if problem:
+                raise InputError(f"model.init_from={init_from}: its weights do not fit model.unet / model.attributes: "
+                                 f"{problem}")
+            self.unet.load_state_dict(source)
         self.schedule = Schedule.from_config(scheduler)
         self.ema = EMA(self.unet, ema_decay)
         self.columns: list[int] | None = None

@@ -5,7 +5,10 @@ A source names a model by (`locate`, tried in this order):
   2. a path ending in `.ckpt`: a Lightning checkpoint of the kind's module (read with weights_only=True, never
      unpickling code),
   3. a local folder holding that kind: an export, or a folder holding it in a sub-folder (vae/, hclf/, ...),
-  4. a hub id `org/name`, for the kinds that can come from the hub (the pixel denoiser).
+  4. a hub id `org/name`, for the kinds that can come from the hub (the pixel denoiser),
+  5. an author's checkpoint, `FILE.pt|.pth|.safetensors` or `PRESET:FILE` (any suffix, .ckpt included): converted once
+     by facelab.convert (the preset that fits the file's tensors, or the one named) and cached by the file's sha256
+     under facelab.convert.cache_dir(); then read as the folder of 3.
 `load_model(kind, source, device)` gives the model in eval mode, frozen, on `device`. Every kind registers a
 `ModelKind` in the module that defines it (KIND_MODULES); `load_denoiser`, `load_vae`, `load_latent_model`,
 `load_collaborative`, `load_classifier`, `load_parser` and `load_hclassifier` are `load_model` for their kind.
@@ -23,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import UNet2DConditionModel, UNet2DModel
+from diffusers import ModelMixin, UNet2DConditionModel, UNet2DModel  # noqa: F401 (ModelMixin: AttributeUNet2DModel)
 from safetensors.torch import load_file
 
 from facelab.diffusion import Denoiser, Schedule
@@ -86,11 +89,30 @@ def zoo(kind: str) -> list[str]:
                   if p.is_dir() and (spec.in_zoo(p) if spec.in_zoo else spec.holds(p) is not None))
 
 
+FOREIGN_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
+
+
+def foreign(source: str | Path) -> tuple[Path, str | None] | None:
+    """(file, preset or None) when `source` names an author's checkpoint to convert (`locate`, form 5), else None."""
+    name = str(source)
+    preset, sep, rest = name.partition(":")
+    if sep and preset and "/" not in preset:
+        from facelab.convert import presets
+
+        if preset in presets():
+            return Path(rest).expanduser(), preset
+    path = Path(name).expanduser()
+    return (path, None) if path.suffix in FOREIGN_SUFFIXES and path.is_file() else None
+
+
 def locate(kind: str, source: str | Path) -> tuple[str, Path | str] | None:
     """(form, where) of the model `source` names: ("zoo" | "folder", the folder to read), ("checkpoint", the .ckpt
-    path, which may not exist) or ("hub", the repo id); None when it names none of this kind."""
+    path, which may not exist), ("hub", the repo id) or ("foreign", (file, preset)); None when it names none of this
+    kind."""
     spec, name = model_kind(kind), str(source)
     path = Path(name).expanduser()
+    if foreign(source) is not None:
+        return "foreign", foreign(source)
     if name in zoo(kind):
         folder = spec.holds(ZOO_DIR / name)
         if folder is not None:
@@ -112,11 +134,32 @@ def load_model(kind: str, source: str | Path, device: str | torch.device = "cpu"
     if found is None:
         raise InputError(spec.not_found(name))
     form, where = found
-    if form == "checkpoint":
-        return spec.from_checkpoint(load_checkpoint(where), where, name, device, **options)
-    if form == "hub":
-        return spec.from_hub(where, device, **options)
-    return spec.from_folder(where, name, device, **options)
+    if form == "foreign":
+        from facelab.convert import converted
+
+        folder = spec.holds(converted(*where))
+        if folder is None:
+            raise InputError(spec.not_found(name))
+        model = spec.from_folder(folder, name, device, **options)
+    elif form == "checkpoint":
+        model = spec.from_checkpoint(load_checkpoint(where), where, name, device, **options)
+    elif form == "hub":
+        model = spec.from_hub(where, device, **options)
+    else:
+        model = spec.from_folder(where, name, device, **options)
+    refuse_non_finite(model, f"{kind} {name}")
+    return model
+
+
+def refuse_non_finite(model, what: str) -> None:
+    """One line naming the first weight (parameter or buffer) of `model` that holds NaN or ±inf."""
+    modules = [m for m in (model, *vars(model).values()) if isinstance(m, torch.nn.Module)]
+    for module in modules:
+        for key, value in (*module.named_parameters(), *module.named_buffers()):
+            if value.is_floating_point() and not torch.isfinite(value).all():
+                bad = int((~torch.isfinite(value)).sum())
+                raise InputError(f"{what}: weight {key} holds {bad} NaN or infinite values of {value.numel()}; the "
+                                 "model is damaged (re-export or re-train it)")
 
 
 def frozen(module: torch.nn.Module, device: str | torch.device) -> torch.nn.Module:
@@ -146,6 +189,47 @@ def _unet_class(config_path: Path):
     return _UNETS[name]
 
 
+def read_unet(sub: Path) -> torch.nn.Module:
+    """The UNet of a diffusers model folder (config.json + diffusion_pytorch_model.safetensors), built from its
+    config and filled with its weights; a broken folder (bad JSON, missing/empty/truncated weights, weights of
+    another architecture) is refused with one line naming the file and the first mismatched keys."""
+    from facelab.convert.reading import read_file
+
+    try:
+        config = json.loads((sub / "config.json").read_text())
+    except ValueError as err:
+        raise InputError(f"{sub / 'config.json'}: not valid JSON ({err})") from None
+    weights = sub / "diffusion_pytorch_model.safetensors"
+    if not weights.is_file():
+        raise InputError(f"{sub}: no weights file {weights.name} (facelab reads safetensors only)")
+    state = read_file(weights)
+    unet = attribute_unet(config) if config.get("attributes") else _unet_class(sub / "config.json").from_config(config)
+    problem = weights_mismatch(unet.state_dict(), state, where="config.json: ")
+    if problem:
+        raise InputError(f"{sub}: its weights do not fit its config.json: {problem}")
+    unet.load_state_dict(state)
+    return unet
+
+
+class AttributeUNet2DModel(UNet2DModel):
+    """How diffusers reads an attribute-conditional facelab UNet (model_index.json names this class): the folder's
+    UNet with its AttributeEmbedding, sampled under the null label (all zeros) when no class_labels are given, as
+    facelab's Denoiser does. diffusers resolves the class from `sys.modules` (`import facelab.models.pretrained`
+    before `DDPMPipeline.from_pretrained(folder)`) and its loader kind by base-class name in this module (ModelMixin,
+    imported above for that)."""
+
+    @classmethod
+    def from_pretrained(cls, path, subfolder: str | None = None, torch_dtype=None, **_loading_options):
+        unet = read_unet(Path(path) / (subfolder or ""))
+        unet.__class__ = cls  # the same module, with forward's null-label default
+        return unet.to(torch_dtype) if torch_dtype is not None else unet
+
+    def forward(self, sample, timestep, class_labels=None, return_dict: bool = True):
+        if class_labels is None:
+            class_labels = sample.new_zeros(len(sample), len(self.config.attributes))
+        return super().forward(sample, timestep, class_labels=class_labels, return_dict=return_dict)
+
+
 def _from_folder(folder: Path):
     sub = folder / "unet" if (folder / "unet" / "config.json").is_file() else folder
     if not (sub / "config.json").is_file():
@@ -154,16 +238,11 @@ def _from_folder(folder: Path):
                   if p.is_file()), None)
     if sched is None:
         raise InputError(f"{folder}: no scheduler/scheduler_config.json, so the noise schedule is unknown")
-    config = json.loads((sub / "config.json").read_text())
-    if config.get("attributes"):  # attribute-conditional (facelab's AttributeEmbedding as the class embedding)
-        weights = sub / "diffusion_pytorch_model.safetensors"
-        if not weights.is_file():
-            raise InputError(f"{sub}: an attribute-conditional UNet needs its weights in {weights.name}")
-        unet = attribute_unet(config)
-        unet.load_state_dict(load_file(weights))
-    else:
-        unet = _unet_class(sub / "config.json").from_pretrained(sub, low_cpu_mem_usage=False)
-    return unet, Schedule.from_config(sched)
+    try:
+        schedule = Schedule.from_config(sched)
+    except (ValueError, KeyError, TypeError) as err:
+        raise InputError(f"{sched}: not a usable scheduler config ({str(err).splitlines()[0]})") from None
+    return read_unet(sub), schedule
 
 
 def _from_hub(repo_id: str):
@@ -195,7 +274,8 @@ register(ModelKind(
     from_checkpoint=lambda ckpt, path, source, device: _denoiser(*_from_lightning(ckpt, path), device),
     from_hub=lambda repo_id, device: _denoiser(*_from_hub(repo_id), device),
     not_found=lambda source: f"model.pretrained={source}: not a zoo model ({', '.join(zoo_names()) or 'none built'}), "
-                             "a diffusers folder, a .ckpt file or a hub id (org/name)"))
+                             "a diffusers folder, a .ckpt file, an author's checkpoint (FILE.pt or PRESET:FILE) or a "
+                             "hub id (org/name)"))
 
 
 # --- plain-folder models (config.json with `_class_name` + model.safetensors): classifiers, parsers ----------------
@@ -254,3 +334,45 @@ def model_fingerprint(denoiser: Denoiser) -> str:
 def fingerprint(module: torch.nn.Module) -> str:
     """sha256 of any module's weights (e.g. a classifier), shortened."""
     return _digest(module, hashlib.sha256()).hexdigest()[:16]
+
+
+# --- explaining weights that do not fit a model (model.init_from=) ---------------------------------------------
+def _fix_for(key: str, shape_mismatch: bool, where: str) -> str:
+    """The config key (under `where`) that decides the parameter `key` of a diffusers UNet."""
+    if key.startswith("class_embedding."):
+        return "model.attributes" if where == "model.unet." else f"{where}attributes"
+    if key.startswith("conv_out.") and shape_mismatch:
+        return f"{where}out_channels (6 for a learn_sigma model)"
+    if key.startswith("conv_in.") and shape_mismatch:
+        return f"{where}block_out_channels / in_channels"
+    if "time_emb_proj" in key and shape_mismatch:
+        return f"{where}resnet_time_scale_shift"
+    if ".attentions." in key:
+        return f"{where}down_block_types / up_block_types (which levels attend) and attention_head_dim"
+    if "samplers.0." in key and not shape_mismatch:
+        return f"{where}downsample_type / upsample_type (conv or resnet)"
+    if ".resnets." in key and not shape_mismatch:
+        return f"{where}layers_per_block"
+    preset = " (a model preset such as model=ddpm256 sets a whole architecture)" if where == "model.unet." else ""
+    return f"{where}block_out_channels{preset}"
+
+
+def weights_mismatch(expected: dict[str, torch.Tensor], given: dict[str, torch.Tensor],
+                     where: str = "model.unet.") -> str | None:
+    """Why state `given` does not load into a model whose state is `expected`: the first mismatched keys with their
+    shapes and the config key (under `where`) that fixes them; None when it fits."""
+    wrong = [k for k in expected if k in given and given[k].shape != expected[k].shape]
+    missing = [k for k in expected if k not in given]
+    extra = [k for k in given if k not in expected]
+    if not (wrong or missing or extra):
+        return None
+    parts = []
+    if wrong:
+        parts.append("shapes differ: " + ", ".join(f"{k} {list(given[k].shape)} vs the config's "
+                                                   f"{list(expected[k].shape)}" for k in wrong[:3]))
+    if missing:
+        parts.append("missing from the weights: " + ", ".join(missing[:3]))
+    if extra:
+        parts.append("not in the configured model: " + ", ".join(extra[:3]))
+    first = (wrong or missing or extra)[0]
+    return f"{'; '.join(parts)} (set {_fix_for(first, bool(wrong), where)})"

