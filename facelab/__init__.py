@@ -20,9 +20,14 @@ OmegaConf.register_new_resolver("alias", _alias, replace=True)
 
 
 def __getattr__(name: str):
-    """`facelab.run` and `facelab.Result` (facelab/api.py), imported on first use."""
+    """`facelab.run`, `facelab.Result` (facelab/api.py) and `facelab.keep_models` (models/pretrained.py), imported on
+    first use."""
     if name in ("run", "Result"):
         from facelab import api
 
         return getattr(api, name)
+    if name == "keep_models":
+        from facelab.models.pretrained import keep_models
+
+        return keep_models
     raise AttributeError(f"module 'facelab' has no attribute {name!r}")

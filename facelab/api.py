@@ -7,6 +7,8 @@
     result.metrics       # metrics.json as a dict
     result.maps          # per-image float maps (e.g. fuzzy's m and anomaly maps) by name
 
+Inside `with facelab.keep_models():` each model is loaded once and reused by every later run (a sweep in a loop).
+
 Keyword options are the CLI's overrides (`key=value`); dotted keys go in `overrides=[...]` or as
 `**{"method.strength": "per_step"}`; `steps` and `eta` are short for `sampler.steps` and `sampler.eta`. Files are
 written only when `out` is given (a new folder); otherwise the run happens in a temporary folder that is read back
@@ -70,6 +72,7 @@ def read_run(folder: Path, metrics: dict) -> Result:
     """The main images, maps and metrics of a finished run folder."""
     main = next((folder / name for name in MAIN_OUTPUTS if (folder / name).is_dir()), None)
     files = sorted(main.rglob("*.png")) if main is not None else []
+    files = [f for f in files if f.name.endswith("_x_0.png")] or files  # codiff / ldm: the samples, not the mask
     images = torch.stack([torch.from_numpy(np.array(Image.open(f).convert("RGB"))).permute(2, 0, 1)
                           for f in files]).float() / 127.5 - 1 if files else torch.empty(0, 3, 0, 0)
     maps = {}

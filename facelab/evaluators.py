@@ -563,3 +563,53 @@ class CaptionEvaluator(_NetworkEvaluator):
         result = caption_consistency(self.predict(images), list(captions))
         accuracy = result["accuracy"]
         return {**result, "accuracy": None if accuracy != accuracy else accuracy, **self._resized(images)}
+
+
+# --- scores of an edit and of a correction (method=cyclediff, method=fuzzy) ---------------------------------------
+def score_edit(inputs, y_src: Tensor, flips: list[str], edited: Tensor, truth: list, attributes: list[str],
+               similarity: SimilarityEvaluator, evaluator: AttributeEvaluator) -> dict:
+    """One attribute edit of `inputs` (facelab.sources.Inputs, y_src ∈ {−1, 1}^[N, A]): PSNR/SSIM to the ground truth
+    (`truth`: each input's counterfactual or None; the input itself for reconstruction, flips = []), and by the
+    evaluator the flip rate (all flipped attributes read as intended) and the preservation rate (the other attributes
+    read as expected: the counterfactual's ground truth, else y_src with the flips), each also for the unedited input
+    as a baseline."""
+    entry, found = {}, [i for i, item in enumerate(truth) if item is not None]
+    if not flips:
+        entry.update(similarity.score(edited, inputs.images))
+    elif found:
+        reference = torch.stack([truth[i]["image"] for i in found])
+        ours, theirs = similarity.score(edited[found], reference), similarity.score(inputs.images[found], reference)
+        entry.update(ground_truths=len(found), psnr=ours["psnr"], ssim=ours["ssim"], psnr_input=theirs["psnr"],
+                     ssim_input=theirs["ssim"])
+    if not evaluator.enabled:
+        return entry
+    expected = (y_src > 0).long()
+    expected[:, [attributes.index(a) for a in flips]] ^= 1
+    names = inputs.faces.attribute_names if inputs.faces is not None else []
+    if set(attributes) <= set(names):  # the renderer's consequences of a flip (no beard on a woman) are expected too
+        for i in found:
+            expected[i] = truth[i]["attributes"][[names.index(a) for a in attributes]]
+    expected = {a: expected[:, j] for j, a in enumerate(attributes)}
+    for suffix, images in (("", edited), ("_input", inputs.images)):
+        score = evaluator.score(images, expected=expected, flipped=flips)
+        if flips:
+            entry[f"flip_rate{suffix}"] = score["flip_rate"]
+        entry[f"preservation{suffix}"] = score.get("preservation")
+        if not suffix:
+            entry["preserved"] = score.get("preserved", {})
+    return entry
+
+
+def correction_metrics(results: Mapping[str, Tensor]) -> dict:
+    """PSNR and SSIM of a correction of damaged images against the clean ones, inside / outside the damaged pixels
+    and over the whole image, before and after (pooled over the run's pixels, images clamped). results: `clean`,
+    `gt_image` (the damaged input), `inpainted` (the correction) [N, C, H, W] and `degradation` (bool, the damage)."""
+    similarity = SimilarityEvaluator(reduction="pooled", clamp=True)
+    inside = results["degradation"].any(1, keepdim=True)
+    metrics = {"degraded_fraction": inside.float().mean().item()}
+    for when, key in (("before", "gt_image"), ("after", "inpainted")):
+        score = similarity.score(results[key], results["clean"], inside)
+        for where, suffix in (("inside", "_inside"), ("outside", "_outside"), ("all", "")):
+            for metric in ("psnr", "ssim"):
+                metrics[f"{metric}_{where}_{when}"] = score[metric + suffix]
+    return metrics

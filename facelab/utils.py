@@ -97,11 +97,15 @@ def claim_run_dir(out: str | Path, overrides: list[str] | None = None) -> bool:
     out = Path(os.path.abspath(out))
     if out in _HELD:
         return False
-    out.mkdir(parents=True, exist_ok=True)
     lock = out / LOCK_NAME
     while True:
-        created = not lock.exists()
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            created = not lock.exists()
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as err:
+            raise RunDirRefused(f"{out}: cannot write there ({err.strerror}: {err.filename}); choose another "
+                                "hydra.run.dir") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

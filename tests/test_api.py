@@ -40,3 +40,37 @@ def test_fuzzy_maps_come_back(tmp_path):
                          device="cpu")
     assert result.images.shape[0] == 1
     assert any(name.endswith("/m") for name in result.maps)
+
+
+def test_keep_models_loads_each_model_once_and_notices_changed_files(tiny_model_dir, tmp_path):
+    import shutil
+
+    from facelab.models.pretrained import load_denoiser
+
+    assert load_denoiser(str(tiny_model_dir)) is not load_denoiser(str(tiny_model_dir))  # outside: fresh each time
+    copy = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, copy)
+    with facelab.keep_models():
+        first = load_denoiser(str(copy))
+        assert load_denoiser(str(copy)) is first
+        with facelab.keep_models():  # nested blocks share the outer one's models
+            assert load_denoiser(str(copy)) is first
+        config = copy / "unet" / "config.json"
+        config.write_text(config.read_text() + "\n")  # the files changed: read again
+        assert load_denoiser(str(copy)) is not first
+        a = facelab.run("generate", num_samples=1, steps=2, device="cpu", progress=False, **{"model.pretrained": copy})
+        b = facelab.run("generate", num_samples=1, steps=2, device="cpu", progress=False, **{"model.pretrained": copy})
+    assert torch.equal(a.images, b.images)
+    assert load_denoiser(str(copy)) is not first
+
+
+def test_a_codiff_folder_reads_its_samples_not_its_mask(tmp_path):
+    from facelab.api import read_run
+    from facelab.io.images import save_image
+
+    folder = tmp_path / "samples" / "mask" / "caption"
+    save_image(torch.zeros(3, 64, 64), folder / "mask.png")
+    for i in range(2):
+        save_image(torch.full((3, 16, 16), 0.5), folder / f"{i:06d}_x_0.png")
+    result = read_run(tmp_path, {})
+    assert result.images.shape == (2, 3, 16, 16) and all(n.endswith("_x_0.png") for n in result.names)

@@ -214,10 +214,12 @@ def test_region_mask_from_parser_is_the_union_of_the_region_classes():
     assert region_classes(None) is None
 
 
-def test_cli_jacobian_region_on_samples_uses_the_parser(tmp_path, tiny_model_dir, tiny_parser):
+@pytest.mark.parametrize("solver", ["krylov", "golub_kahan"])
+def test_cli_jacobian_region_on_samples_uses_the_parser(tmp_path, tiny_model_dir, tiny_parser, solver):
     run = tmp_path / "jac"
     result = run_cli("sample", "method=directions", "discover=jacobian", "region=mouth", f"method.parser={tiny_parser}",
                      "method.num_eigvecs=2", "method.max_iters=3", "num_directions=1", "scales=[0,1]",
+                     f"method.jacobian_solver={solver}",
                      f"model.pretrained={tiny_model_dir}", *TINY, f"hydra.run.dir={run}", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     d = Directions.load(run / "directions.safetensors")
@@ -234,6 +236,7 @@ def test_cli_jacobian_region_on_samples_uses_the_parser(tmp_path, tiny_model_dir
     (["discover=conditional", "attribute=Smiling", "condition=[Laughing]"], "condition=[Laughing]: the classifier"),
     (["apply=missing.safetensors", "index=1.5"], "index=1.5: give direction numbers"),
     (["discover=umap"], "discover=umap"),
+    (["discover=jacobian", "method.jacobian_solver=lanczos"], "method.jacobian_solver=lanczos: use one of krylov"),
     ([], "needs discover="),
 ])
 def test_cli_bad_input(tmp_path, tiny_model_dir, tiny_classifier, overrides, message):

@@ -6,7 +6,13 @@ from diffusers import UNet2DModel
 
 from conftest import TINY_UNET
 from facelab.diffusion import Denoiser, Schedule
-from facelab.directions.jacobian import masked_eps_fn, power_iteration_reference, top_singular, trajectory_jacobian
+from facelab.directions.jacobian import (
+    masked_eps_fn,
+    power_iteration_reference,
+    subspace_sin,
+    top_singular,
+    trajectory_jacobian,
+)
 
 K, T = 3, 500
 
@@ -130,3 +136,66 @@ def test_solver_on_explicit_linear_map(method):
     assert v_error(res.v, right[:, :K].T).max() < 1e-6
     with pytest.raises(ValueError, match="method"):
         top_singular(f, torch.zeros(1, 40), method="lanczos")
+
+
+def linear_map(rows: int, cols: int, spectrum: torch.Tensor, seed: int = 0):
+    """f(h) = M·vec(h) with M = L·diag(spectrum)·Rᵀ: singular values and vectors known in closed form."""
+    gen = torch.Generator().manual_seed(seed)
+    left = torch.linalg.qr(torch.randn(rows, len(spectrum), generator=gen, dtype=torch.float64)).Q
+    right = torch.linalg.qr(torch.randn(cols, len(spectrum), generator=gen, dtype=torch.float64)).Q
+    matrix = left @ torch.diag(spectrum.double()) @ right.T
+    return (lambda h: h.flatten(1) @ matrix.T), left, right
+
+
+def test_golub_kahan_finds_the_known_singular_triplets():
+    spectrum = 10.0 * 0.8 ** torch.arange(40)  # slowly decaying: a hard case for power iteration
+    f, left, right = linear_map(120, 90, spectrum)
+    h0 = torch.zeros(1, 9, 10, dtype=torch.float64)
+    res = top_singular(f, h0, k=K, tol=1e-9, max_iters=40, generator=torch.Generator().manual_seed(0),
+                       method="golub_kahan", oversample=2)
+    assert res.converged and res.v.shape == (K, 9, 10) and res.u.shape == (K, 120)
+    assert torch.allclose(res.sigma, spectrum[:K].double(), rtol=1e-9)
+    assert v_error(res.v, right[:, :K].T).max() < 1e-6 and v_error(res.u, left[:, :K].T).max() < 1e-6
+    assert res.passes == 2 * (K + 2) * res.iters
+    # Jᵀu = σ·v holds exactly for the Ritz triplets (Rayleigh–Ritz on the output side).
+    matrix = left @ torch.diag(spectrum.double()) @ right.T
+    assert torch.allclose(res.u.double() @ matrix, res.sigma[:, None] * res.v.reshape(K, -1), atol=1e-10)
+    # A looser tolerance stops earlier, with an angle to the true subspace of the order of the tolerance.
+    loose = top_singular(f, h0, k=K, tol=1e-2, generator=torch.Generator().manual_seed(0), method="golub_kahan")
+    assert loose.passes < res.passes
+    assert float(subspace_sin(loose.v.reshape(K, -1).T, right[:, :K])) < 0.05
+    # The sequential power iteration needs over 4× the passes for a less accurate subspace.
+    reference = power_iteration_reference(f, h0, k=K, generator=torch.Generator().manual_seed(0))
+    mid = top_singular(f, h0, k=K, tol=1e-3, generator=torch.Generator().manual_seed(0), method="golub_kahan")
+    error = {name: float(subspace_sin(r.v.reshape(K, -1).T, right[:, :K])) for name, r in
+             (("reference", reference), ("golub_kahan", mid))}
+    assert error["golub_kahan"] < error["reference"] < 1e-4 and reference.passes > 4 * mid.passes
+
+
+def test_golub_kahan_warm_start_and_small_outputs():
+    spectrum = torch.tensor([4.0, 2.0, 1.0, 0.5, 0.25, 0.1])
+    f, left, right = linear_map(30, 40, spectrum, seed=1)
+    h0 = torch.zeros(1, 40, dtype=torch.float64)
+    # Started at the true directions, one iteration (2b passes) confirms them.
+    exact = right[:, :K].T.reshape(K, 40)
+    res = top_singular(f, h0, k=K, tol=1e-8, method="golub_kahan", start=exact, oversample=1,
+                       generator=torch.Generator().manual_seed(0))
+    assert res.converged and res.iters == 1 and res.passes == 2 * (K + 1)
+    assert torch.allclose(res.sigma, spectrum[:K].double(), rtol=1e-10)
+    # A rank-6 map: the bidiagonalisation exhausts its range and stops with the exact answer.
+    res = top_singular(f, h0, k=K, tol=1e-12, method="golub_kahan", generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(res.sigma, spectrum[:K].double(), rtol=1e-8)
+    assert v_error(res.v, right[:, :K].T).max() < 1e-6
+    with pytest.raises(ValueError, match="start"):
+        top_singular(f, h0, k=K, method="golub_kahan", start=torch.zeros(K, 7))
+
+
+def test_golub_kahan_trajectory_matches_dense_svd(denoiser, x_t, dense):
+    h_t, f, _, (_, s_d, vh_d) = dense
+    x_ts = torch.stack([torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(2)), x_t])
+    sigma, v, passes = trajectory_jacobian(denoiser, x_ts, [900, T], k=K, progress=False, method="golub_kahan",
+                                           tol=1e-6, generator=torch.Generator().manual_seed(0))
+    assert sigma.shape == (K, 2) and v.shape == (K, 2, 16, 8, 8)
+    assert ((sigma[:, 1].double() - s_d[:K]).abs() / s_d[:K]).max() < 1e-4
+    assert v_error(v[:, 1], vh_d[:K]).max() < 1e-3
+    assert no_hooks(denoiser.unet)

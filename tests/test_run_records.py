@@ -191,3 +191,12 @@ def test_a_refused_input_leaves_no_unfinished_run(tiny_model_dir, tmp_path):
     assert not (out / "config.yaml").exists()
     metrics = run_sample(compose("sample", tiny(tiny_model_dir, "num_samples=1"), out))
     assert metrics and (out / "metrics.json").is_file() and (out / "samples" / "00000.png").is_file()
+
+
+@pytest.mark.parametrize("where", ["/proc/facelab/run", "FILE/run"])
+def test_an_impossible_run_directory_is_one_line(where, tmp_path):
+    (tmp_path / "file").write_text("")
+    out = where.replace("FILE", str(tmp_path / "file"))
+    res = run_cli("sample", "sampler.steps=2", "num_samples=1", "device=cpu", f"hydra.run.dir={out}")
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-2000:]
+    assert res.stderr.strip().splitlines()[-1].startswith(f"facelab: error: {out}: cannot write there")

@@ -3,6 +3,11 @@
 J_t = ∂f_t/∂h at h_t with f_t(h) = vec(M ⊙ ε_θ(x_t, t; h replaces h-space)). `top_singular` is facelab's
 solver: a block Krylov (block Lanczos) iteration on JᵀJ in h-space with Rayleigh–Ritz from an SVD of J·V;
 `method="subspace"` restricts the Ritz basis to the latest block (plain subspace iteration).
+`method="golub_kahan"` (opt-in) is a block Golub–Kahan bidiagonalisation (blocks of k, optionally oversampled) with
+Rayleigh–Ritz on the output-space basis, so that every product, the last VJPs included, enters the Ritz space; it
+warm-starts from the previous step along a trajectory and stops on a subspace-change rule (`tol` ≈ 0.2): a quarter
+to a fifth of the reference's passes with subspaces within a few degrees of the converged ones
+(experiments/directions/jacobian_passes.md).
 `power_iteration_reference` is the original's one-vector-at-a-time power iteration, kept for comparison.
 
 Products with J use reverse-mode autograd only, on one retained graph: Jᵀu is a VJP and J·v is the
@@ -26,7 +31,7 @@ from tqdm.auto import tqdm
 from facelab.diffusion import hspace
 
 log = logging.getLogger("facelab")
-METHODS = ("krylov", "subspace")
+METHODS = ("krylov", "subspace", "golub_kahan")
 
 
 class JacobianSVD(NamedTuple):
@@ -130,6 +135,25 @@ def _next_block(basis: Tensor, b: Tensor, generator: torch.Generator | None) -> 
     return torch.linalg.qr(b).Q
 
 
+def _extend_basis(basis: Tensor | None, b: Tensor, generator: torch.Generator | None) -> Tensor:
+    """Orthonormal columns, as many as b has, spanning b's part orthogonal to `basis` and random directions where
+    that part is rank-deficient (directions below 1e-10 of b's scale count as absent); orthogonal to `basis`."""
+    def project(x: Tensor) -> Tensor:
+        for _ in range(2 if basis is not None else 0):
+            x = x - basis @ (basis.T @ x)
+        return x
+
+    width, scale = b.shape[1], b.norm(dim=0).max()
+    left, s, _ = torch.linalg.svd(project(b), full_matrices=False)
+    q = left[:, s > 1e-10 * scale]
+    if q.shape[1] < width:
+        fill = project(_randn((b.shape[0], width - q.shape[1]), generator, b.device))
+        for _ in range(2):
+            fill = fill - q @ (q.T @ fill)
+        q = torch.cat([q, fill], 1)
+    return torch.linalg.qr(project(q)).Q
+
+
 def _canonical_signs(v: Tensor, u: Tensor) -> tuple[Tensor, Tensor]:
     """Flip each column pair (v_i, u_i) so that v_i's largest-magnitude entry is positive."""
     peak = v.gather(0, v.abs().argmax(0, keepdim=True))
@@ -146,8 +170,15 @@ def _result(sigma: Tensor, v: Tensor, u: Tensor, h0: Tensor, passes: int, iters:
                        converged)
 
 
+def subspace_sin(a: Tensor, b: Tensor) -> Tensor:
+    """Sine of the largest principal angle between the column spans of a and b [D, k] (orthonormalised here)."""
+    a, b = torch.linalg.qr(a.double()).Q, torch.linalg.qr(b.double()).Q
+    return torch.linalg.matrix_norm(b - a @ (a.T @ b), ord=2).clamp(max=1.0)
+
+
 def top_singular(f: Callable[[Tensor], Tensor], h0: Tensor, k: int = 3, tol: float = 1e-5, max_iters: int = 50,
-                 generator: torch.Generator | None = None, method: str = "krylov") -> JacobianSVD:
+                 generator: torch.Generator | None = None, method: str = "krylov", *, start: Tensor | None = None,
+                 oversample: int = 0) -> JacobianSVD:
     """Top-k singular triplets of J = ∂f/∂h at h0 [1, *h_shape]; f maps [B, *h_shape] → [B, out] row-wise.
 
     Each iteration applies J to a block Q of k orthonormal h-space vectors (A = J·Q, k batched JVPs) and
@@ -157,11 +188,17 @@ def top_singular(f: Callable[[Tensor], Tensor], h0: Tensor, k: int = 3, tol: flo
     for `krylov`. Stops when every Ritz pair has a relative residual ‖JᵀJ·v_i − σ_i²·v_i‖/σ_1² < tol,
     which bounds the angle to the true v_i by tol·σ_1²/gap_i; the residual is free, B having been computed.
     The initial block is random orthonormal, from `generator`.
+
+    `golub_kahan` (see `_golub_kahan`) instead uses blocks of k + `oversample` vectors, may start from `start`
+    [r, *h_shape] (e.g. the directions of the previous step of a trajectory) and reads `tol` as the sine of the
+    largest angle by which the top-k subspace of v moved in the last iteration.
     """
     if method not in METHODS:
         raise ValueError(f"method={method!r}; use one of {METHODS}")
-    if k < 1 or max_iters < 1:
-        raise ValueError(f"k={k} and max_iters={max_iters} must be positive")
+    if k < 1 or max_iters < 1 or oversample < 0:
+        raise ValueError(f"k={k}, max_iters={max_iters} must be positive and oversample={oversample} not negative")
+    if method == "golub_kahan":
+        return _golub_kahan(f, h0, k, tol, max_iters, generator, start, oversample)
     lin = _Linearization(f, h0, k)
     dim = h0[0].numel()
     q = torch.linalg.qr(_randn((dim, k), generator, h0.device)).Q
@@ -191,6 +228,59 @@ def top_singular(f: Callable[[Tensor], Tensor], h0: Tensor, k: int = 3, tol: flo
         q = _next_block(basis, b, generator) if method == "krylov" else torch.linalg.qr(b).Q
     if not converged:
         log.warning("Jacobian SVD: residual %.2e > tol %.0e after %d iterations", float(residual.max()), tol, it)
+    return _result(sigma, v, u, h0, passes, it, converged)
+
+
+def _golub_kahan(f: Callable[[Tensor], Tensor], h0: Tensor, k: int, tol: float, max_iters: int,
+                 generator: torch.Generator | None, start: Tensor | None, oversample: int) -> JacobianSVD:
+    """Block Golub–Kahan bidiagonalisation with Rayleigh–Ritz on the output side.
+
+    Blocks of b = k + oversample vectors. Iteration i: A = J·V_i (b JVPs), U_i = A orthonormalised against
+    U_0 … U_{i-1}, G_i = Jᵀ·U_i (b VJPs): 2b passes. With P = [U_0 … U_i] (orthonormal), the SVD
+    Jᵀ·P = V·S·Wᵀ is the exact Rayleigh–Ritz projection of J onto span(P): σ = S, v = V, u = P·W (top k), so
+    Jᵀu = σ·v holds exactly and v lies in the block Krylov space of JᵀJ one degree above the right basis.
+    The next right block is G_i orthonormalised against V_0 … V_i. V_0 is `start` (its first b directions),
+    completed with random directions from `generator`. Stops when the top-k v-subspace moved by less than
+    `tol` (sine of the largest principal angle) since the previous iteration, or since `start` in the first.
+    """
+    dim = h0[0].numel()
+    b = min(k + oversample, dim)
+    lin = _Linearization(f, h0, b)
+    out_dim = lin.y.shape[1]
+    if b > out_dim:  # a tiny output: blocks no wider than it
+        b = out_dim
+        lin = _Linearization(f, h0, b)
+    block = _randn((dim, b), generator, h0.device)
+    previous = None
+    if start is not None:
+        start = start.reshape(len(start), -1).T.to(block)
+        if start.shape[0] != dim:
+            raise ValueError(f"start of {start.shape[0]} values per direction; h has {dim}")
+        block[:, :min(b, start.shape[1])] = start[:, :b]
+        previous = start[:, :k]
+    v_block = _extend_basis(None, block, generator)
+    us: list[Tensor] = []
+    gs: list[Tensor] = []
+    vs: list[Tensor] = []
+    passes, converged = 0, False
+    for it in range(1, max_iters + 1):  # noqa: B007 (the iteration count is reported after the loop)
+        a = lin.jvp(v_block)
+        u_block = _extend_basis(torch.cat(us, 1) if us else None, a, generator)
+        g = lin.vjp(u_block)
+        passes += 2 * b
+        us.append(u_block)
+        gs.append(g)
+        vs.append(v_block)
+        right, s, wh = torch.linalg.svd(torch.cat(gs, 1), full_matrices=False)
+        sigma, v, u = s[:k], right[:, :k], torch.cat(us, 1) @ wh[:k].T
+        moved = 1.0 if previous is None or previous.shape[1] < k else float(subspace_sin(previous, v))
+        previous = v
+        converged = moved < tol
+        if converged or (it + 1) * b > min(dim, out_dim):  # converged, or the next blocks would not fit
+            break
+        v_block = _extend_basis(torch.cat(vs, 1), g, generator)
+    if not converged:
+        log.warning("Jacobian SVD: subspace moved %.2e > tol %.0e after %d iterations", moved, tol, it)
     return _result(sigma, v, u, h0, passes, it, converged)
 
 
@@ -244,7 +334,8 @@ def trajectory_jacobian(denoiser: Callable, x_ts: Sequence[Tensor] | Tensor, tim
     """`top_singular` at every grid time of one recorded trajectory (the sample's own x_t, fixed noise).
 
     x_ts: T states, each [1, C, H, W] or [C, H, W] (a list or a [T, 1, C, H, W] / [T, C, H, W] tensor),
-    the network inputs at `timesteps`. One generator seeds all T solves in turn.
+    the network inputs at `timesteps`. One generator seeds all T solves in turn. With `golub_kahan` each solve
+    starts from the previous step's directions (a warm start).
     Returns σ [k, T], v [k, T, *h_shape] and the total number of network passes.
     """
     if len(x_ts) != len(timesteps):
@@ -253,7 +344,8 @@ def trajectory_jacobian(denoiser: Callable, x_ts: Sequence[Tensor] | Tensor, tim
     bar = tqdm(list(zip(x_ts, timesteps)), desc="Jacobian SVD", disable=not progress, leave=False)
     for x_t, t in bar:
         h_t, f = masked_eps_fn(denoiser, x_t if x_t.ndim == 4 else x_t[None], int(t), mask, where)
-        res = top_singular(f, h_t, k, tol, max_iters, generator, method)
+        warm = vs[-1] if vs and method == "golub_kahan" else None
+        res = top_singular(f, h_t, k, tol, max_iters, generator, method, start=warm)
         sigmas.append(res.sigma)
         vs.append(res.v)
         passes += res.passes

@@ -82,13 +82,16 @@ def inverted_start(denoiser: Denoiser, sampler: DDIM, names: list[str], images: 
     return Start(names, x_T, noises, sampler, images, labels)
 
 
-def start_of(denoiser: Denoiser, sampler: Sampler, inputs, inversion: str = "edit_friendly",
-             generator: torch.Generator | None = None, progress: bool = False) -> Start:
-    """The start of a source's inputs (facelab.sources.Inputs): seeded for seeds, else its images inverted."""
+def start_of(denoiser: Denoiser, sampler: Sampler, inputs, inversion: str = "edit_friendly", seed: int = 0,
+             progress: bool = False) -> Start:
+    """The start of a source's inputs (facelab.sources.Inputs): seeded for seeds, else its images inverted (the
+    edit-friendly inversion draws from a generator on the model's device seeded with `seed`, the run's seed)."""
     if inputs.images is None:
         return seeded_start(denoiser, sampler, inputs.names, inputs.seeds)
-    images = inputs.images.to(denoiser.unet.device)
-    return inverted_start(denoiser, sampler, inputs.names, images, inputs.label_maps, inversion, generator, progress)
+    device = denoiser.unet.device
+    generator = torch.Generator(device).manual_seed(int(seed))
+    return inverted_start(denoiser, sampler, inputs.names, inputs.images.to(device), inputs.label_maps, inversion,
+                          generator, progress)
 
 
 def run_trajectory(denoiser: Denoiser, x_T: Tensor, noises: Tensor, sampler: Sampler, edit: HEdit | None = None,

@@ -16,6 +16,7 @@ reads (x_t, t) costs no network call.
   h_space  it edits h inside one UNet's call (state.model.unet);
   pixels   it reads or blends x_t as an image in [-1, 1] (not a latent);
   frames   it records frames that the method writes out (method=generate's trajectory.png).
+A method may also refuse a term by its class name (method=ldm refuses DirectionEdit: no direction file fits it).
 """
 from __future__ import annotations
 
@@ -93,17 +94,24 @@ class GradientGuidance(Guidance):
         state.eps = state.eps + self.eps_scale(state) * grad
 
 
+def needs(node) -> tuple[str, ...]:
+    """What the term a guidance config builds needs (its class's `needs`), then its class name; () when its
+    _target_ is missing or broken (instantiation reports that)."""
+    try:
+        target = get_object(node["_target_"])
+    except Exception:
+        return ()
+    return (*getattr(target, "needs", ()), getattr(target, "__name__", ""))
+
+
 def refuse_guidance(cfg, method: str, reasons: str | Mapping[str, str]) -> None:
     """Raise one InputError line for the first term of cfg.guidance that `method` cannot take, before any term or
-    model is built. reasons: one reason for every term, or {need: reason} for the terms whose class `needs` it."""
+    model is built. reasons: one reason for every term, or {need or term class name: reason} for the terms whose
+    class `needs` it or has that name."""
     for name, node in (cfg.get("guidance") or {}).items():
         if isinstance(reasons, str):
             why = reasons
         else:
-            try:
-                needs = getattr(get_object(node["_target_"]), "needs", ())
-            except Exception:  # no or a broken _target_: instantiation reports it
-                needs = ()
-            why = next((reasons[need] for need in needs if need in reasons), None)
+            why = next((reasons[need] for need in needs(node) if need in reasons), None)
         if why:
             raise InputError(f"guidance=[{name}]: {method} cannot take this term: {why}")

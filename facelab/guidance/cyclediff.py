@@ -24,8 +24,8 @@ The step-by-step cycle takes the sampler's own step (DPM-Solver++: its first-ord
 Per step: one network call without gradient (the loop's), one with (ε_g), one more for a cycle loss.
 
 Also method=cyclediff's pieces below the method: the original's attribute table and the edits (parse_edits, flip), the
-classifier checks and clean predictions, the feature networks, the sampler / grid / start point of an edit, and
-edit_guidance (one edit's weighted terms).
+classifier checks and clean predictions, the source attributes y_src (source_attributes), the feature networks, the
+edit knobs (check_edit), the sampler / grid / start point of an edit, and edit_guidance (one edit's weighted terms).
 """
 from __future__ import annotations
 
@@ -313,6 +313,40 @@ def predict_attributes(net, images: Tensor, attributes: Sequence[str], batch_siz
         labels.append(torch.stack([probs[a][:, 1] > 0.5 for a in attributes], 1).float().cpu())
     return torch.cat(labels)
 
+
+def source_attributes(inputs, attributes: Sequence[str], classifier, batch_size: int, mode: str = "labels",
+                      labels=None) -> tuple[Tensor, str]:
+    """(y_src ∈ {−1, 1}^[N, A] of the inputs (facelab.sources.Inputs), where it came from): with mode=labels the inputs'
+    labels, else `labels` as a 0/1 list in the model's attribute order (labels); else the classifier's (predicted)."""
+    if inputs.images is None:
+        raise InputError("source: method=cyclediff edits images and this source gives none; use +source=synthetic or "
+                         "+source=images")
+    if mode == "labels" and inputs.labels is not None:
+        missing = [a for a in attributes if a not in inputs.labels]
+        if missing:
+            raise InputError(f"the inputs have no labels for {', '.join(missing)}: use "
+                             "method.source_attributes=predicted")
+        return inputs.label_columns(attributes).float() * 2 - 1, "labels"
+    if mode == "labels" and isinstance(labels, list):
+        if len(labels) != len(attributes) or any(v not in (0, 1) for v in labels):
+            raise InputError(f"method.labels={labels}: give {len(attributes)} values 0/1, one per attribute of the "
+                             f"model ({', '.join(attributes)})")
+        return torch.tensor([[float(v) for v in labels]]).expand(len(inputs), -1) * 2 - 1, "labels"
+    return predict_attributes(classifier, inputs.images, attributes, batch_size) * 2 - 1, "predicted"
+
+def check_edit(sampler: Sampler, start: str, cycle: str, variance_type: str, weights: Mapping[str, float],
+               networks: Mapping) -> Sampler:
+    """method=cyclediff's edit knobs (method.start, cycle, variance_type, weights, networks), checked before any work;
+    returns the sampler of the edits (check_sampler)."""
+    for key, value, allowed in (("start", start, STARTS), ("cycle", cycle, CYCLES),
+                                ("variance_type", variance_type, ("fixed_large", "fixed_small"))):
+        if value not in allowed:
+            raise InputError(f"method.{key}={value}: use one of {', '.join(allowed)}")
+    for kind in FeatureLoss.KINDS:
+        if weights[kind] and networks[kind] is None:
+            raise InputError(f"method.weights.{kind}={weights[kind]} needs method.networks.{kind}: a classifier "
+                             "(zoo name or folder) or {_target_: ...} building a feature network")
+    return check_sampler(sampler, start, variance_type)
 
 def check_sampler(sampler: Sampler, start: str, variance_type: str) -> Sampler:
     """The sampler of the edits: not RePaint; DDPM with Σ_t of `variance_type`; DDIM(η) for the edit-friendly start."""

@@ -72,7 +72,11 @@ def target_distributions(target: Mapping | None, heads: Mapping[str, int], mode:
             if k != 2:
                 raise InputError(f"target.{name}={value}: {name} has {k} classes; give {k} probabilities")
             value = [1 - float(value), float(value)]
-        r = torch.tensor([float(v) for v in value], dtype=torch.float64)
+        try:
+            r = torch.tensor([float(v) for v in (value if isinstance(value, (list, tuple)) else [value])],
+                             dtype=torch.float64)
+        except (TypeError, ValueError):
+            raise InputError(f"target.{name}={value!r}: give a fraction in [0, 1] or {k} probabilities") from None
         if len(r) != k:
             raise InputError(f"target.{name}={list(value)}: {name} has {k} classes; give {k} probabilities")
         if (r < 0).any() or (r > 1).any() or not math.isclose(r.sum().item(), 1.0, abs_tol=1e-6):
@@ -157,11 +161,15 @@ class HSpaceDebias(Guidance):
 
     needs = ("h_space",)
 
-    def __init__(self, classifier: HNet | str, target: Mapping | None = None, mode: str = "distribution",
+    def __init__(self, classifier: HNet | str | None, target: Mapping | None = None, mode: str = "distribution",
                  loss: str | None = None, scale: float | Mapping[str, float] = 15.0, scale_per_sample: bool = True,
                  running_estimate: str = "none", temperature: float | None = None, window: Sequence[int] | None = None,
                  step_schedule: Mapping | None = None, grad_steps: int = 1, head_lookup: str = "exact",
                  asymmetric: bool = False):
+        if classifier is None:  # e.g. method=ldm without model.pretrained (the default is the model's hclf/)
+            raise InputError("guidance=[debias] needs an h-classifier trained on this model's h: "
+                             "guidance.debias.classifier=PATH (method=hextract model.pretrained=MODEL, then "
+                             "python -m facelab.train +experiment=hclf_gender data.dataset.path=<its shards>)")
         self.net = classifier if isinstance(classifier, HNet) else load_hclassifier(classifier)
         self.source = getattr(self.net, "source", "h-classifier")
         self.objective = Objective(target, self.net.heads, mode, loss, scale, scale_per_sample)

@@ -12,7 +12,7 @@ m_Δt = M((Δt/Δt_ref)·ℓ(m)), M the inverse of ℓ, so equal diffusion time 
 
 `FuzzyImages` is the blend as a config-built term for any pixel-space method (conf/guidance/fuzzy.yaml): its inputs y
 are read by the term itself (an image folder, or the held-out synthetic faces), one per sample, with one keep weight
-everywhere (method=fuzzy's mode=replace). `keep_weight` and `reduce_mask` give method=fuzzy's m from its masks.
+everywhere (method=fuzzy's mode=replace). `keep_map` gives method=fuzzy's m from its masks or anomaly map.
 """
 from __future__ import annotations
 
@@ -22,7 +22,9 @@ import torch
 from torch import Tensor
 
 from facelab.diffusion import Guidance, State, randn_like
+from facelab.diffusion.projection import project_errors
 from facelab.io.errors import InputError
+from facelab.metrics.anomaly import anomaly_map
 
 STRENGTHS = ("per_time", "per_step")
 MASK_REDUCES = ("per_channel", "luminance")
@@ -61,6 +63,21 @@ def reduce_mask(m: Tensor, how: str) -> Tensor:
         return m
     return (m * m.new_tensor(LUMINANCE)[:, None, None]).sum(1, keepdim=True)
 
+
+def keep_map(opts, denoiser, y: Tensor, keep: Tensor | None, stats, depths: list[int],
+             generator: torch.Generator) -> dict[str, Tensor]:
+    """method=fuzzy's keep weight m of a batch of inputs y, by its options `opts` (mode, mask_s, mask_reduce; zscore:
+    ood_lambda, ood_expon, lower_bound, upper_bound, sigma_floor, projection_offset, projection_step): from the
+    keep-masks `keep`, or with projection statistics `stats` (μ, σ, ...) at `depths` m = ood_lambda·(1 − A)^ood_expon,
+    returned with the projections ŷ, errors e, ẑ_d and A it comes from (facelab.diffusion.projection,
+    facelab.metrics.anomaly)."""
+    if stats is None:
+        return {"m": reduce_mask(keep_weight(opts.mode, opts.mask_s, y, keep), opts.mask_reduce)}
+    projected, errors = project_errors(denoiser, y, depths, generator, opts.projection_offset, opts.projection_step)
+    zhat, anomaly = anomaly_map(errors, stats[0].to(y.device), stats[1].to(y.device), opts.lower_bound,
+                                opts.upper_bound, opts.sigma_floor)
+    m = reduce_mask(opts.ood_lambda * (1 - anomaly) ** opts.ood_expon, opts.mask_reduce)
+    return {"projected": projected, "err": errors, "errzscore": zhat, "anomaly": anomaly, "m": m}
 
 def fuzzy_blend(x: Tensor, y: Tensor, m: Tensor, alpha_bar: float, noise: Tensor, renormalize: bool = True) -> Tensor:
     """Blend x_t with g_t = √ᾱ·y + √(1−ᾱ)·noise under keep weight m (broadcast to x), re-normalising the spread.

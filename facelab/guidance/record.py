@@ -30,3 +30,19 @@ class RecordTrajectory(Guidance):
         x_t = torch.stack([f[1] for f in self.frames], 1)
         x0 = torch.stack([f[2] for f in self.frames], 1)
         return torch.stack([x_t, x0], 1).flatten(0, 2)
+
+
+class Previews:
+    """A sampling callback (`sample(..., callback=)`) keeping x̂0 on the CPU at `count` evenly spaced steps of a grid
+    of `steps` steps (count 0: none). `steps` lists the step indices, `images()` gives [B, kept, C, H, W]."""
+
+    def __init__(self, count: int, steps: int):
+        self.steps = sorted(set(torch.linspace(0, steps - 1, count).round().long().tolist())) if count else []
+        self.frames: list[torch.Tensor] = []
+
+    def __call__(self, state: State) -> None:
+        if state.i in self.steps:
+            self.frames.append(state.x0.cpu())
+
+    def images(self) -> torch.Tensor:
+        return torch.stack(self.frames, 1) if self.frames else torch.empty(0)

@@ -11,6 +11,12 @@ samples/<mask stem>/<text slug>/ (facelab.io.codiff: x_0, and on request x_inter
 influence functions (return_influence_function), z_0 (save_z), mixed (save_mixed); codiff also influence/*.npz).
 metrics.json holds the timing, network calls and the mean learned / effective weight of each modality per step
 (inside the face when a mask is given), and under "eval" the scores of +eval=[captions, parsing, attributes].
+
+guidance=[...] (REFUSED says why the others are refused): both take the classifier-gradient terms (attribute,
+debias_image), whose classifier reads x̂0 decoded by the autoencoder; method=ldm also takes guidance=[debias], on its
+one UNet's h with an h-classifier trained on that model's h (method=hextract model.pretrained=<the latent model>).
+metrics.json "guidance" holds what those terms observed (per step: the h-classifier's or classifier's mean
+predictions).
 """
 from __future__ import annotations
 
@@ -32,7 +38,7 @@ from facelab.evaluators import (
     build_evaluators,
     guidance_networks,
 )
-from facelab.guidance.base import refuse_guidance
+from facelab.guidance.base import needs, refuse_guidance
 from facelab.guidance.record import RecordTrajectory
 from facelab.io.codiff import SampleFolder
 from facelab.io.errors import InputError
@@ -45,10 +51,15 @@ from facelab.runner import Runner
 log = logging.getLogger("facelab")
 ASSETS = Path(__file__).resolve().parents[1] / "assets" / "codiff"
 DEFAULT_MASK, DEFAULT_TEXT = ASSETS / "900001.png", ASSETS / "900001.txt"
-# guidance=[...]: why terms that need one of these (facelab.guidance.base) are refused; the others join the sampling
-REFUSED = {"h_space": "its denoiser mixes several latent UNets' ε, so there is no single h-space to edit",
+# guidance=[...]: why terms that need one of these, or of these classes, are refused (facelab.guidance.base); the
+# others join the sampling
+REFUSED = {"h_space": "its denoiser mixes several latent UNets' ε, so there is no single h-space to edit (method=ldm "
+                      "edits one latent model's h)",
            "pixels": "it samples latents, not images",
            "frames": "it writes no trajectory.png (display_x_inter=true saves every step)"}
+REFUSED_LDM = {"pixels": REFUSED["pixels"], "frames": REFUSED["frames"],
+               "DirectionEdit": "direction files come from method=directions on a pixel model's h; none fits a latent "
+                                "model"}
 
 
 @dataclass(frozen=True)
@@ -87,9 +98,23 @@ def run(cfg: DictConfig, runner: Runner) -> dict:
     return generate(cfg, runner, opts, sampler, collab)
 
 
+class UniModal(CollaborativeDenoiser):
+    """One latent model alone (M = 1): its UNet is the denoiser's h-space (`unet`, what h-space terms edit and
+    fingerprint: model_fingerprint gives the latent model's own)."""
+
+    @property
+    def unet(self):
+        return self.models[0].unet
+
+
 def run_ldm(cfg: DictConfig, runner: Runner) -> dict:
     """method=ldm: one uni-modal latent model, method.model or the one whose input is given."""
-    opts, sampler = prepare(cfg, runner)
+    opts, sampler = prepare(cfg, runner, REFUSED_LDM)
+    scales = opts.cfg_scale.values() if isinstance(opts.cfg_scale, dict) else [opts.cfg_scale]
+    edits = [name for name, node in (cfg.get("guidance") or {}).items() if "h_space" in needs(node)]
+    if edits and any(float(scale) != 1 for scale in scales):
+        raise InputError(f"guidance=[{edits[0]}] with cfg_scale={opts.cfg_scale}: the UNet's call then also holds the "
+                         "null-condition rows, whose h the h-classifier never saw; use cfg_scale=1")
     if cfg.model.pretrained is not None:
         model = load_latent_model(str(cfg.model.pretrained), runner.device)
     else:
@@ -98,14 +123,14 @@ def run_ldm(cfg: DictConfig, runner: Runner) -> dict:
             raise InputError("method=ldm samples one uni-modal model: give mask=PATH or text=\"...\" (not both), or "
                              "method.model=SOURCE")
         model = load_stage(given[0], str(opts.models[given[0]]), runner.device)
-    collab = CollaborativeDenoiser([model], reweight=Reweight("average"), cfg_scale=opts.cfg_scale)
+    collab = UniModal([model], reweight=Reweight("average"), cfg_scale=opts.cfg_scale)
     return generate(cfg, runner, opts, sampler, collab)
 
 
-def prepare(cfg: DictConfig, runner: Runner):
+def prepare(cfg: DictConfig, runner: Runner, refused: dict = REFUSED):
     """The options and the sampler, after refusing (one line, before any model loads) what these methods cannot take."""
     opts = Options.of(cfg.method)
-    refuse_guidance(cfg, f"method={opts.name}", REFUSED)
+    refuse_guidance(cfg, f"method={opts.name}", refused)
     if cfg.get("source") is not None:
         raise InputError(f"+source: method={opts.name} reads its own inputs (mask=, text=, x_T=), not a source")
     sampler = runner.sampler()
@@ -209,10 +234,25 @@ def generate(cfg: DictConfig, runner: Runner, opts: Options, sampler, collab: Co
                     f"{', '.join(map(str, t))}", nrow=len(t), upscale=max(1, images.shape[-1] // tiles.shape[-1]),
                     rows=labels, cols=[f"t = {step}" for step in t], maps={"label": "influence", "vmin": 0, "vmax": 1})
         metrics.update(reweight=collab.reweight.options(), influence=influence.means(collab.names, inputs.mask))
+    observed = observations(cfg, terms)
+    if observed:
+        metrics["guidance"] = observed
     if evaluators:
         metrics["eval"] = {name: evaluator.score(images, **references(evaluator, inputs, len(images)))
                            for name, evaluator in evaluators.items()}
     return metrics
+
+
+def observations(cfg: DictConfig, terms: list) -> dict:
+    """Per guidance term, what it saw at each step: the h-classifier's mean predictions before and after the edit and
+    ‖Δh‖ (debias: trajectory_rows), or the guiding classifier's mean probability of each target (attribute: rows)."""
+    found = {}
+    for name, term in zip((cfg.get("guidance") or {}).keys(), terms):
+        rows = term.trajectory_rows() if hasattr(term, "trajectory_rows") else getattr(term, "rows", None)
+        if rows:
+            found[name] = [{key: round(value, 5) if isinstance(value, float) else value for key, value in row.items()}
+                           for row in rows]
+    return found
 
 
 @torch.no_grad()

@@ -31,21 +31,19 @@ from omegaconf import DictConfig
 from torch import Tensor
 
 from facelab.diffusion import DDIM, Sampler
-from facelab.evaluators import AttributeEvaluator, SimilarityEvaluator, guidance_networks
+from facelab.evaluators import AttributeEvaluator, SimilarityEvaluator, guidance_networks, score_edit
 from facelab.guidance.cyclediff import (
-    CYCLES,
-    STARTS,
-    FeatureLoss,
     StepNoise,
     check_classifier,
-    check_sampler,
+    check_edit,
     edit_guidance,
     edit_timesteps,
     feature_networks,
     parse_edits,
-    predict_attributes,
+    source_attributes,
     start_point,
 )
+from facelab.guidance.record import Previews
 from facelab.io.errors import InputError
 from facelab.models.classifier import load_classifier
 from facelab.models.pretrained import load_denoiser
@@ -104,11 +102,10 @@ def run(cfg: DictConfig, runner: Runner) -> dict:
 
     with named_as(knobs):
         inputs = source.load(size)
-    y_source, labelled = source_attributes(opts, inputs, attributes, classifier, cfg.batch_size)
+    y_source, labelled = source_attributes(inputs, attributes, classifier, cfg.batch_size, opts.source_attributes,
+                                           opts.labels)
     truth = {name: inputs.counterfactuals(flips) for name, flips in edits.items()}
 
-    preview_steps = set(torch.linspace(0, len(grid) - 1, opts.previews).round().long().tolist()) \
-        if opts.previews else set()
     calls = runner.count_calls(denoiser.unet)
     decoded, edited, network_calls, losses = [], {name: [] for name in edits}, {}, []
     previews = []  # (face, edit, its x̂0 at the preview steps): strips in the gallery, after the grids
@@ -130,17 +127,10 @@ def run(cfg: DictConfig, runner: Runner) -> dict:
             guidance, y_tgt = edit_guidance(opts.weights, opts.cycle, classifier, networks, attributes, x_src, y_src,
                                             flips, noises, trajectory, runner.keyed_generator("cyclediff.term", first),
                                             opts.grad_norm)
-            frames = []
-
-            def keep(state, frames=frames):
-                if state.i in preview_steps:
-                    frames.append(state.x0.cpu())
-
-            before = calls.count
+            preview, before = Previews(opts.previews, len(grid)), calls.count
             with runner.timed(f"edit {name}"):
                 edited[name].append(runner.sample(denoiser, x_T, sampler, [guidance, *others], timesteps=grid,
-                                                  cond=y_tgt, noises=noises,
-                                                  callback=keep if preview_steps else None).cpu())
+                                                  cond=y_tgt, noises=noises, callback=preview).cpu())
             network_calls[name] = calls.count - before
             losses += [{"edit": name, "first_face": first, "step": i, **row} for i, row in enumerate(guidance.rows)]
             runner.save_images(edited[name][-1], "edits", names=[f"{face}_{name}" for face in names])
@@ -148,12 +138,13 @@ def run(cfg: DictConfig, runner: Runner) -> dict:
             if found:
                 runner.save_images(torch.stack([truth[name][first + i]["image"] for i in found]), "counterfactuals",
                                    names=[f"{names[i]}_{name}" for i in found])
-            previews += [(face, name, steps) for face, steps in zip(names, torch.stack(frames, 1) if frames else [])]
+            previews += [(face, name, steps) for face, steps in zip(names, preview.images())]
     decoded, edited = torch.cat(decoded), {name: torch.cat(batches) for name, batches in edited.items()}
     write_grids(runner, inputs, decoded, edited, truth)
     for face, name, steps in previews:
         runner.grid(steps, f"previews/{face}_{name}.png", "previews: x̂0 along each edit", f"{face}, edit {name}",
-                    nrow=opts.previews, upscale=2, cols=[f"t = {grid[i]}" for i in sorted(preview_steps)])
+                    nrow=opts.previews, upscale=2,
+                    cols=[f"t = {grid[i]}" for i in Previews(opts.previews, len(grid)).steps])
     if losses:
         runner.write_csv("losses.csv", losses)
 
@@ -178,18 +169,12 @@ def run(cfg: DictConfig, runner: Runner) -> dict:
 # --- options and inputs ----------------------------------------------------------------------------------------------
 def check_options(cfg: DictConfig, opts: Options, sampler: Sampler) -> Sampler:
     """Validate the knobs before any work; return the sampler of the edits."""
-    choices = {"start": STARTS, "cycle": CYCLES, "input": ("synthetic", "images"),
-               "source_attributes": ("labels", "predicted"), "variance_type": ("fixed_large", "fixed_small")}
-    for key, allowed in choices.items():
+    for key, allowed in {"input": ("synthetic", "images"), "source_attributes": ("labels", "predicted")}.items():
         if getattr(opts, key) not in allowed:
             raise InputError(f"method.{key}={getattr(opts, key)}: use one of {', '.join(allowed)}")
-    for kind in FeatureLoss.KINDS:
-        if opts.weights[kind] and opts.networks[kind] is None:
-            raise InputError(f"method.weights.{kind}={opts.weights[kind]} needs method.networks.{kind}: a classifier "
-                             "(zoo name or folder) or {_target_: ...} building a feature network")
     if cfg.num_samples < 1 or cfg.batch_size < 1:
         raise InputError(f"num_samples={cfg.num_samples}, batch_size={cfg.batch_size}: both must be at least 1")
-    return check_sampler(sampler, opts.start, opts.variance_type)
+    return check_edit(sampler, opts.start, opts.cycle, opts.variance_type, opts.weights, opts.networks)
 
 
 def input_source(cfg: DictConfig, opts: Options) -> tuple[Source, dict]:
@@ -202,28 +187,6 @@ def input_source(cfg: DictConfig, opts: Options) -> tuple[Source, dict]:
         return SyntheticSource(cfg.num_samples, opts.faces["seed"], opts.faces["start"]), KNOBS
     labels = opts.labels if opts.source_attributes == "labels" and isinstance(opts.labels, str) else None
     return ImageFolderSource(opts.gt_path, resize="exact", attributes=labels), KNOBS
-
-
-def source_attributes(opts: Options, inputs: Inputs, attributes: list[str], classifier, batch_size: int) \
-        -> tuple[Tensor, str]:
-    """(y_src ∈ {−1, 1}^[N, A], where it came from): the inputs' labels, else a method.labels 0/1 list in the model's
-    attribute order (labels), or the guidance classifier's (predicted)."""
-    if inputs.images is None:
-        raise InputError("source: method=cyclediff edits images and this source gives none; use +source=synthetic or "
-                         "+source=images")
-    spec = opts.labels
-    if opts.source_attributes == "labels" and inputs.labels is not None:
-        missing = [a for a in attributes if a not in inputs.labels]
-        if missing:
-            raise InputError(f"the inputs have no labels for {', '.join(missing)}: use "
-                             "method.source_attributes=predicted")
-        return inputs.label_columns(attributes).float() * 2 - 1, "labels"
-    if opts.source_attributes == "labels" and isinstance(spec, list):
-        if len(spec) != len(attributes) or any(v not in (0, 1) for v in spec):
-            raise InputError(f"method.labels={spec}: give {len(attributes)} values 0/1, one per attribute of the "
-                             f"model ({', '.join(attributes)})")
-        return torch.tensor([[float(v) for v in spec]]).expand(len(inputs), -1) * 2 - 1, "labels"
-    return predict_attributes(classifier, inputs.images, attributes, batch_size) * 2 - 1, "predicted"
 
 
 # --- outputs and scores ----------------------------------------------------------------------------------------------
@@ -243,34 +206,3 @@ def write_grids(runner: Runner, inputs: Inputs, decoded: Tensor, edited: dict, t
                     f"columns = input, counterfactual {', '.join(shown)}", nrow=len(columns), upscale=2,
                     rows=faces, cols=["input", *(f"counterfactual: {name}" for name in shown)])
 
-
-def score_edit(inputs: Inputs, y_src: Tensor, flips: list[str], edited: Tensor, truth: list, attributes: list[str],
-               similarity: SimilarityEvaluator, evaluator: AttributeEvaluator) -> dict:
-    """PSNR/SSIM to the ground truth (the counterfactual; the input for reconstruction), and by the evaluator the flip
-    rate (all flipped attributes read as intended) and the preservation rate (the other attributes read as expected:
-    the counterfactual's ground truth, else y_src with the flips), each also for the unedited input as a baseline."""
-    entry, found = {}, [i for i, item in enumerate(truth) if item is not None]
-    if not flips:
-        entry.update(similarity.score(edited, inputs.images))
-    elif found:
-        reference = torch.stack([truth[i]["image"] for i in found])
-        ours, theirs = similarity.score(edited[found], reference), similarity.score(inputs.images[found], reference)
-        entry.update(ground_truths=len(found), psnr=ours["psnr"], ssim=ours["ssim"], psnr_input=theirs["psnr"],
-                     ssim_input=theirs["ssim"])
-    if not evaluator.enabled:
-        return entry
-    expected = (y_src > 0).long()
-    expected[:, [attributes.index(a) for a in flips]] ^= 1
-    names = inputs.faces.attribute_names if inputs.faces is not None else []
-    if set(attributes) <= set(names):  # the renderer's consequences of a flip (no beard on a woman) are expected too
-        for i in found:
-            expected[i] = truth[i]["attributes"][[names.index(a) for a in attributes]]
-    expected = {a: expected[:, j] for j, a in enumerate(attributes)}
-    for suffix, images in (("", edited), ("_input", inputs.images)):
-        score = evaluator.score(images, expected=expected, flipped=flips)
-        if flips:
-            entry[f"flip_rate{suffix}"] = score["flip_rate"]
-        entry[f"preservation{suffix}"] = score.get("preservation")
-        if not suffix:
-            entry["preserved"] = score.get("preserved", {})
-    return entry

@@ -10,34 +10,32 @@ by default, `num_samples` held-out synthetic faces (method.faces; masks: keep ev
 `self_degrade` corrupts the inputs with seeded rectangles first and scores the anomaly map and the correction against
 the clean faces in metrics.json.
 
-Pieces: the blend (facelab.guidance.fuzzy), the projection and its statistics (facelab.diffusion.projection, computed
-by `python -m facelab.fuzzy_stats`), the anomaly map and its AUROC / AP (facelab.metrics.anomaly), PSNR / SSIM
-(facelab.evaluators.SimilarityEvaluator, pooled over the run, images clamped).
+Pieces: the keep map and the blend (facelab.guidance.fuzzy), the projection and its statistics
+(facelab.diffusion.projection, computed by `python -m facelab.fuzzy_stats`), the anomaly map and its AUROC / AP
+(facelab.metrics.anomaly), PSNR / SSIM (facelab.evaluators: SimilarityEvaluator, pooled over the run, images clamped,
+and correction_metrics), the files (facelab.io.fuzzy).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from omegaconf import DictConfig
-from torch import Tensor
 
 from facelab.diffusion import RePaint
-from facelab.diffusion.projection import check_depths, project_errors
-from facelab.evaluators import SimilarityEvaluator
+from facelab.diffusion.projection import check_depths
+from facelab.evaluators import SimilarityEvaluator, correction_metrics
 from facelab.fuzzy_stats import model_stats
-from facelab.guidance.fuzzy import MASK_REDUCES, STRENGTHS, FuzzyBlend, keep_weight, reduce_mask
+from facelab.guidance.fuzzy import MASK_REDUCES, STRENGTHS, FuzzyBlend, keep_map
 from facelab.io.errors import InputError
-from facelab.metrics.anomaly import anomaly_map, anomaly_metrics, self_degrade
+from facelab.io.fuzzy import FuzzyOutputs
+from facelab.metrics.anomaly import anomaly_metrics, self_degrade
 from facelab.models.pretrained import load_denoiser
 from facelab.runner import Runner
 from facelab.sources import ImageFolderSource, ImageMaskSource, Source, SyntheticSource, build, check_disjoint, named_as
 from facelab.utils import typed_options
 
 MODES = ("mask", "modulate", "replace", "zscore")
-# maps/{name}.npz keys of the per-image float results (plus m_applied_dt{Δt}: the per-step weight of a step Δt)
-NPZ_KEYS = {"m": "m", "anomaly": "A", "errzscore": "zhat", "err": "err", "degradation": "degradation"}
 KEPT = ("clean", "gt_image", "degradation", "errzscore", "anomaly", "m", "inpainted")  # for the run's metrics
 # the default source's knobs as this method names them, in its error messages
 KNOBS = {"source.path": "gt_path", "source.keep_masks": "mask_path", "source.count": "num_samples",
@@ -126,10 +124,7 @@ def run(cfg: DictConfig, runner: Runner) -> dict:
     sample_gen, projection_gen = runner.generator("sampling"), runner.generator("projection")
     degrade_gen = runner.generator("degradation", device="cpu")
     calls = runner.count_calls(denoiser.unet)
-    rows = {"images": runner.gallery.section("images"),
-            "projections": runner.gallery.section("projections") if depths else None}
-    kept: dict[str, list[Tensor]] = {}
-    grid, projection_calls = [], 0
+    outputs, kept, projection_calls = FuzzyOutputs(runner, depths), {}, 0
     for first, n in runner.batches(len(inputs)):
         batch = {"clean": inputs.images[first:first + n]}
         if opts.self_degrade:
@@ -149,15 +144,16 @@ def run(cfg: DictConfig, runner: Runner) -> dict:
             batch["inpainted"] = runner.sample(denoiser, x_T, sampler, [blend, *terms], sample_gen)
         batch.update({f"m_applied_dt{dt}": w.expand_as(m) for dt, w in sorted(blend.applied.items())})
         batch = {key: value.cpu() for key, value in batch.items()}
-        grid += write_batch(runner, rows, inputs.names[first:first + n], batch, depths)
+        outputs.write(inputs.names[first:first + n], batch)
         for key in KEPT:
             if key in batch:
                 kept.setdefault(key, []).append(batch[key])
     results = {key: torch.cat(values) for key, values in kept.items()}
     cols = ["clean face", "damaged input"] if opts.self_degrade else ["input"]
     cols += ["1 − A (anomaly-free)" if depths else "keep weight m", "output"]
-    runner.grid(torch.stack(grid), "grid.png", "overview", GRID, nrow=len(grid) // len(inputs), upscale=2,
-                rows=inputs.names, cols=cols, maps={"label": cols[-2], "vmin": 0, "vmax": 1, "cols": [len(cols) - 2]})
+    tiles = torch.stack(outputs.grid)
+    runner.grid(tiles, "grid.png", "overview", GRID, nrow=len(tiles) // len(inputs), upscale=2, rows=inputs.names,
+                cols=cols, maps={"label": cols[-2], "vmin": 0, "vmax": 1, "cols": [len(cols) - 2]})
 
     seconds, count = runner.seconds, len(inputs)
     total = seconds["projection"] + seconds["sampling"]
@@ -189,64 +185,7 @@ def input_source(cfg: DictConfig, opts: Options) -> tuple[Source, dict]:
     return ImageFolderSource(opts.gt_path, resize="bicubic"), KNOBS
 
 
-def keep_map(opts: Options, denoiser, y: Tensor, keep: Tensor | None, stats, depths: list[int],
-             gen: torch.Generator) -> dict[str, Tensor]:
-    """The keep weight m of a batch; in zscore mode also the projections, errors, ẑ_d and A it comes from."""
-    if stats is None:
-        return {"m": reduce_mask(keep_weight(opts.mode, opts.mask_s, y, keep), opts.mask_reduce)}
-    projected, errors = project_errors(denoiser, y, depths, gen, opts.projection_offset, opts.projection_step)
-    zhat, anomaly = anomaly_map(errors, stats[0].to(y.device), stats[1].to(y.device), opts.lower_bound,
-                                opts.upper_bound, opts.sigma_floor)
-    m = reduce_mask(opts.ood_lambda * (1 - anomaly) ** opts.ood_expon, opts.mask_reduce)
-    return {"projected": projected, "err": errors, "errzscore": zhat, "anomaly": anomaly, "m": m}
-
-
 def per_image(rows: int, images: int) -> int | float:
     """Network calls per image from the rows the network evaluated (whole where it divides)."""
     return rows // images if rows % images == 0 else rows / images
 
-
-def correction_metrics(results: dict) -> dict:
-    """PSNR and SSIM against the clean faces inside / outside the degraded pixels and over the whole image, before
-    and after correction (pooled over the run's pixels, images clamped: facelab.evaluators)."""
-    similarity = SimilarityEvaluator(reduction="pooled", clamp=True)
-    inside = results["degradation"].any(1, keepdim=True)
-    metrics = {"degraded_fraction": inside.float().mean().item()}
-    for when, key in (("before", "gt_image"), ("after", "inpainted")):
-        score = similarity.score(results[key], results["clean"], inside)
-        for where, suffix in (("inside", "_inside"), ("outside", "_outside"), ("all", "")):
-            for metric in ("psnr", "ssim"):
-                metrics[f"{metric}_{where}_{when}"] = score[metric + suffix]
-    return metrics
-
-
-def write_batch(runner: Runner, rows: dict, names: list[str], batch: dict, depths: list[int]) -> list[Tensor]:
-    """A batch's images in the reference's folders ({folder}/{name}.png), its projections
-    ({projected,err,errzscore}/{name}_{depth:04d}.png), float maps (maps/{name}.npz) and gallery rows; returns its
-    grid.png columns."""
-    m, y = batch["m"], batch["gt_image"]
-    pictures = {"clean": batch["clean"], "degradation_mask": batch["degradation"].float() * 2 - 1} \
-        if "degradation" in batch else {}
-    pictures.update(gt_image=y, mask_used=m * 2 - 1, gt_masked=m * (y + 1) - 1)
-    if depths:
-        pictures["mask_nolambda"] = (1 - batch["anomaly"]) * 2 - 1
-    pictures["inpainted"] = batch["inpainted"]
-    paths = {folder: runner.save_images(images, folder, names=names) for folder, images in pictures.items()}
-    rows["images"] += [[(folder, paths[folder][i]) for folder in pictures] for i in range(len(names))]
-    shown = [key for key in ("clean", "gt_image", "mask_nolambda" if depths else "mask_used", "inpainted")
-             if key in pictures]
-    if depths:
-        stems = [f"{name}_{d:04d}" for name in names for d in depths]
-        projections = {"projected": batch["projected"], "err": batch["err"] / 65025 * 2 - 1,
-                       "errzscore": batch["errzscore"] * 2 - 1}
-        written = {folder: runner.save_images(images.flatten(0, 1), folder, names=stems)
-                   for folder, images in projections.items()}
-        rows["projections"] += [[(f"{folder} {d}", written[folder][i * len(depths) + k]) for k, d in enumerate(depths)
-                                 for folder in projections] for i in range(len(names))]
-    (runner.out / "maps").mkdir(exist_ok=True)
-    for i, name in enumerate(names):
-        with open(runner.out / "maps" / f"{name}.npz", "xb") as file:
-            np.savez_compressed(file, depths=np.asarray(depths, dtype=np.int64),
-                                **{NPZ_KEYS.get(key, key): value[i].numpy() for key, value in batch.items()
-                                   if key in NPZ_KEYS or key.startswith("m_applied")})
-    return [pictures[key][i].expand_as(y[i]) for i in range(len(names)) for key in shown]

@@ -10,8 +10,12 @@ Inputs (`method.source`, or any source composed with `+source=NAME` whose inputs
                  (`method.classifier`): h as guidance will see it (the original trained on inversions only).
 h is recorded at `method.where` at every timestep of the grid, one network call per grid time, and written as shards
 (facelab.data.hspace: format, ShardWriter, HSpaceDataset) in `method.out` (default <run dir>/hspace).
+A latent model (model.pretrained = a zoo latent model such as ldm_text64, or an exported latent folder) is read as
+method=ldm samples it: its UNet's h under one condition (method.mask / method.text, default the shipped face's), on
+the LDM grid (method.ldm_grid); inputs are VAE-encoded before the inversion, trajectories decoded before labelling.
 
     python -m facelab.sample method=hextract model.pretrained=ddpm64_biased method.out=data/hspace/ddpm64_biased
+    python -m facelab.sample method=hextract model.pretrained=ldm_text64 text="A face." method.source=trajectory
 """
 from __future__ import annotations
 
@@ -29,7 +33,9 @@ from facelab.guidance.base import refuse_guidance
 from facelab.io.errors import InputError
 from facelab.io.images import resize_images
 from facelab.models.classifier import load_classifier
-from facelab.models.pretrained import load_denoiser, model_fingerprint
+from facelab.models.codiff import ldm_timesteps
+from facelab.models.latent import LatentModel, load_latent_model
+from facelab.models.pretrained import load_denoiser, locate, model_fingerprint
 from facelab.runner import Runner
 from facelab.sources import ClassFolderSource, Inputs, Source, SyntheticSource, build, named_as
 
@@ -55,11 +61,14 @@ class Options:
     dtype: str
     shard_size: int
     out: str | None
+    mask: str | None = None    # latent models: the condition (as method=ldm's mask= / text=)
+    text: str | None = None
+    ldm_grid: bool = True      # latent models: the LDM grid ending on ᾱ_0, as method=ldm / codiff sample
 
     @classmethod
     def from_cfg(cls, node: DictConfig) -> Options:
         values = OmegaConf.to_container(node, resolve=True)
-        opts = cls(**{f.name: values[f.name] for f in fields(cls)})
+        opts = cls(**{f.name: values[f.name] for f in fields(cls) if f.name in values})
         for key, allowed in (("source", SOURCES), ("where", WHERE), ("dtype", DTYPES)):
             if getattr(opts, key) not in allowed:
                 raise InputError(f"method.{key}={getattr(opts, key)!r}: use one of {', '.join(allowed)}")
@@ -90,19 +99,24 @@ def run(cfg: DictConfig, runner: Runner) -> dict:
     knobs = {} if composed else KNOBS.get(opts.source, {})
     with named_as(knobs):
         total = source and source.size()  # checks the source's knobs and files before the model loads
-    denoiser = load_denoiser(cfg.model.pretrained, runner.device)
+    latent = Latent.load(cfg.model.pretrained, opts, runner.device)
+    denoiser = latent.model.denoiser if latent else load_denoiser(cfg.model.pretrained, runner.device)
     sampler = runner.sampler()
     grid = extraction_grid(denoiser, sampler)
+    if latent and opts.ldm_grid:
+        grid = ldm_timesteps(denoiser.schedule, sampler.steps)
     described = {k: v for k, v in OmegaConf.to_container(cfg.sampler, resolve=True).items() if not k.startswith("_")}
     meta = {"format": FORMAT, "model": str(cfg.model.pretrained), "fingerprint": model_fingerprint(denoiser),
             "where": opts.where, "grid": grid, "num_train_timesteps": denoiser.schedule.num_train_timesteps,
-            "resolution": denoiser.unet.config.sample_size, "source": opts.source,
+            "resolution": latent.resolution if latent else denoiser.unet.config.sample_size, "source": opts.source,
             "sampler": {"name": sampler.name, **described}}
+    if latent:
+        meta["latent"] = {"modality": latent.model.modality, "condition": latent.condition, "ldm_grid": opts.ldm_grid}
     calls = runner.count_calls(denoiser.unet)
     if opts.source == "trajectory":
-        batches = trajectory_batches(cfg, opts, runner, denoiser, sampler, meta)
+        batches = trajectory_batches(cfg, opts, runner, denoiser, sampler, meta, latent)
     else:
-        batches = inversion_batches(opts, runner, denoiser, grid, source, total, meta, knobs)
+        batches = inversion_batches(opts, runner, denoiser, grid, source, total, meta, knobs, latent)
     writer, shown = None, []
     with runner.timed("extraction"):
         for images, h, labels, names in batches:
@@ -118,6 +132,35 @@ def run(cfg: DictConfig, runner: Runner) -> dict:
             "grid": grid, "h_shape": writer.h_shape, "class_counts": counts, "label_source": meta["label_source"],
             "seconds": seconds, "seconds_per_image": seconds / writer.count,
             "network_calls_per_image": calls.count / -(-writer.count // cfg.batch_size)}  # a batch's calls
+
+
+class Latent:
+    """A latent model read as method=ldm samples it: its UNet under one condition value, inputs VAE-encoded."""
+
+    def __init__(self, model: LatentModel, opts: Options):
+        from facelab.methods.codiff import read_inputs  # the condition as method=ldm reads it (defaults, checks)
+
+        inputs = read_inputs(opts, [model])
+        self.model, self.text = model, model.modality == "text"
+        self.value = inputs.text if self.text else inputs.mask
+        self.condition = inputs.text if self.text else str(opts.mask or "the shipped default mask")
+        self.resolution = model.vae.config.sample_size
+
+    @classmethod
+    def load(cls, source, opts: Options, device) -> Latent | None:
+        """The latent model `source` names (zoo name or exported folder), else None (a pixel model: no condition)."""
+        found = locate("latent", str(source))
+        if found is None or found[0] == "checkpoint":
+            if opts.mask is not None or opts.text is not None:
+                raise InputError(f"mask= / text=: model {source} is not a latent model (zoo name or exported latent "
+                                 "folder); pixel models take no condition")
+            return None
+        return cls(load_latent_model(str(source), device), opts)
+
+    def cond(self, n: int) -> dict:
+        with torch.no_grad():
+            return {key: value.expand(n, *value.shape[1:])
+                    for key, value in self.model.condition([self.value], batch_size=1).items()}
 
 
 def extraction_grid(denoiser, sampler) -> list[int]:
@@ -147,22 +190,26 @@ def labelling(opts: Options, source: Source, inputs: Inputs) -> dict:
 
 
 def inversion_batches(opts: Options, runner: Runner, denoiser, grid: list[int], source: Source, total: int,
-                      meta: dict, knobs: dict):
-    """Batches (images, h [B, T, ...], labels [B, A], names) of the source's images, DDIM(η = 0)-inverted; the first
-    batch's labels are checked (and `meta` completed) before any network call."""
-    resolution = denoiser.unet.config.sample_size
+                      meta: dict, knobs: dict, latent: Latent | None = None):
+    """Batches (images, h [B, T, ...], labels [B, A], names) of the source's images, DDIM(η = 0)-inverted (a latent
+    model: their latents, under its condition); the first batch's labels are checked (and `meta` completed) before
+    any network call."""
+    resolution = meta["resolution"]
     for first, n in runner.batches(total, desc="h extraction (DDIM inversion)"):
         with named_as(knobs):
             inputs = source.load_range(resolution, first, n)
         if first == 0:
             meta.update(labelling(opts, source, inputs))
         images = inputs.images.to(runner.device)
-        hs = ddim_invert(denoiser, denoiser.schedule, images, grid, capture_h=opts.where, progress=False).hs
+        x, cond = (latent.model.encode(images), latent.cond(n)) if latent else (images, None)
+        hs = ddim_invert(denoiser, denoiser.schedule, x, grid, cond=cond, capture_h=opts.where, progress=False).hs
         yield images, hs.transpose(0, 1), inputs.label_columns(list(meta["attributes"])), inputs.names
 
 
-def trajectory_batches(cfg: DictConfig, opts: Options, runner: Runner, denoiser, sampler, meta: dict):
-    """Batches of the sampler's own trajectories, each final image labelled by the attribute classifier."""
+def trajectory_batches(cfg: DictConfig, opts: Options, runner: Runner, denoiser, sampler, meta: dict,
+                       latent: Latent | None = None):
+    """Batches of the sampler's own trajectories, each final image labelled by the attribute classifier (a latent
+    model: on meta's grid under its condition, decoded)."""
     classifier = load_classifier(opts.classifier, runner.device)
     wanted = list(opts.attributes)
     if not wanted or any(a not in classifier.heads for a in wanted):
@@ -174,7 +221,11 @@ def trajectory_batches(cfg: DictConfig, opts: Options, runner: Runner, denoiser,
     for first, n in runner.batches(cfg.num_samples, desc="h extraction (trajectories)"):
         x_T = torch.randn(n, unet.in_channels, unet.sample_size, unet.sample_size, generator=gen, device=runner.device)
         with hspace(denoiser.unet, opts.where, capture=True) as hs:
-            images = runner.sample(denoiser, x_T, sampler, (), gen)
+            if latent:
+                images = latent.model.decode(runner.sample(denoiser, x_T, sampler, (), gen, timesteps=meta["grid"],
+                                                           final=0 if opts.ldm_grid else -1, cond=latent.cond(n)))
+            else:
+                images = runner.sample(denoiser, x_T, sampler, (), gen)
         probs = classifier.predict(resize_images(images, classifier.image_size))
         labels = torch.stack([probs[a].argmax(1) for a in wanted], 1)
         yield images, torch.stack(hs, 1), labels, [f"sample_{first + i:06d}" for i in range(n)]

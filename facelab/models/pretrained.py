@@ -21,6 +21,8 @@ import hashlib
 import importlib
 import json
 from collections.abc import Callable
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -127,12 +129,64 @@ def locate(kind: str, source: str | Path) -> tuple[str, Path | str] | None:
     return None
 
 
+# Models loaded inside `keep_models()`, reused by later loads of the same files: {key: (files' stamp, model)}.
+KEPT: ContextVar[dict | None] = ContextVar("facelab_kept_models", default=None)
+
+
+@contextmanager
+def keep_models():
+    """Within this block every model loaded stays in memory and a later load of the same source (its files unchanged)
+    on the same device returns it instead of reading it again: facelab.run calls in a loop load each model once.
+    Models are frozen; a method that trains one (codiff_edit's fine-tuning) trains a copy."""
+    token = KEPT.set({}) if KEPT.get() is None else None
+    try:
+        yield
+    finally:
+        if token is not None:
+            KEPT.reset(token)
+
+
+def _stamp(where) -> tuple:
+    """What identifies the files a model comes from: (path, size, mtime) of each, or the hub id."""
+    path = Path(where) if isinstance(where, (str, Path)) else None
+    if path is None or not path.exists():
+        return (str(where),)
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    return tuple((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files)
+
+
 def load_model(kind: str, source: str | Path, device: str | torch.device = "cpu", **options):
-    """The model of `kind` that `source` names (module docstring), in eval mode, frozen, on `device`."""
+    """The model of `kind` that `source` names (module docstring), in eval mode, frozen, on `device` (reused from
+    memory inside `keep_models()`)."""
     spec, name = model_kind(kind), str(source)
     found = locate(kind, source)
     if found is None:
         raise InputError(spec.not_found(name))
+    kept = KEPT.get()
+    plain = all(v is None or isinstance(v, (str, int, float, bool)) for v in options.values())
+    if kept is None or not plain:
+        return _load(spec, kind, name, found, device, options)
+    key = (kind, name, str(torch.device(device)), tuple(sorted(options.items())))
+    stamp = _stamp(found[1])
+    if key not in kept or kept[key][0] != stamp:
+        kept[key] = (stamp, _load(spec, kind, name, found, device, options))
+    return kept[key][1]
+
+
+def _load(spec, kind: str, name: str, found: tuple, device, options: dict):
+    """The loader of `spec` on `found`; a file whose content it cannot use (bad JSON, missing or unexpected keys,
+    weights of other shapes) is one line naming the model, whatever the loader raised."""
+    try:
+        return _read(spec, kind, name, found, device, options)
+    except InputError:
+        raise
+    except (ValueError, TypeError, KeyError, RuntimeError, OSError) as err:
+        first = (str(err).strip().splitlines() or [""])[0][:200]
+        raise InputError(f"{kind} {name}: cannot be loaded from {found[1]} ({type(err).__name__}: {first}); the "
+                         "folder is damaged or holds another kind of model") from None
+
+
+def _read(spec, kind: str, name: str, found: tuple, device, options: dict):
     form, where = found
     if form == "foreign":
         from facelab.convert import converted
