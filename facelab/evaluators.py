@@ -613,3 +613,89 @@ def correction_metrics(results: Mapping[str, Tensor]) -> dict:
             for metric in ("psnr", "ssim"):
                 metrics[f"{metric}_{where}_{when}"] = score[metric + suffix]
     return metrics
+
+
+# --- target edits (method=codiff_edit) -------------------------------------------------------------------------------
+def target_edit_scores(edited: Tensor, inputs: Tensor, similarity: SimilarityEvaluator, evaluator: AttributeEvaluator,
+                       parser: ParsingEvaluator, reference: Tensor | None = None, by_alpha: Mapping | None = None,
+                       masks: Tensor | None = None, expected: Sequence[Mapping] | None = None,
+                       changed: Sequence[str] = (), captions: Sequence[str] | None = None) -> dict:
+    """An edit of `inputs` to targets, scored by held-out evaluators: `to_input` (similarity); with the ground-truth
+    counterfactuals `reference`, PSNR/SSIM to them (and the input's own; `by_alpha`: {α label: the images at that α}
+    → by_alpha_psnr); with the target label maps `masks`, the parser's mIoU (and the input's); by the evaluator, flip
+    rate and preservation against the renderer's `expected` attributes per face (`changed` flipped), else against the
+    attributes the `captions` state (caption_flips), and identity_cosine (of its features, edit vs input)."""
+    from facelab.data.synthetic import ATTRIBUTES
+
+    entry = {"to_input": similarity.score(edited, inputs)}
+    if reference is not None:
+        ours, theirs = similarity.score(edited, reference), similarity.score(inputs, reference)
+        entry.update(psnr=ours["psnr"], ssim=ours["ssim"], psnr_input=theirs["psnr"], ssim_input=theirs["ssim"])
+        if by_alpha is not None:
+            entry["by_alpha_psnr"] = {a: similarity.score(x, reference)["psnr"] for a, x in by_alpha.items()}
+    if masks is not None and parser.enabled:
+        entry["miou"] = parser.score(edited, masks)["miou"]
+        entry["miou_input"] = parser.score(inputs, masks)["miou"]
+    if evaluator.enabled:
+        if expected is not None:  # synthetic: the renderer's changes (none for hair_shape)
+            wanted = {a: torch.tensor([e[a] for e in expected]) for a in ATTRIBUTES if a in evaluator.heads}
+            for suffix, images in (("", edited), ("_input", inputs)):
+                score = evaluator.score(images, expected=wanted, flipped=[a for a in changed if a in wanted])
+                entry[f"flip_rate{suffix}"] = score.get("flip_rate")
+                entry[f"preservation{suffix}"] = score.get("preservation")
+        elif captions is not None:  # real faces: the caption's attributes that the input lacks
+            entry.update(caption_flips(evaluator, edited, inputs, captions))
+        features = [evaluator.evaluate(x)["features"] for x in (edited, inputs)]
+        entry["identity_cosine"] = float(torch.nn.functional.cosine_similarity(*features).mean())
+    return entry
+
+
+def caption_flips(evaluator: AttributeEvaluator, images: Tensor, inputs: Tensor, captions: Sequence[str]) -> dict:
+    """Without ground truth: the attributes each caption states that the evaluator reads otherwise on the input; the
+    flip rate is the fraction of faces whose edit shows all of them, preservation the other stated ones kept."""
+    from facelab.metrics.captions import stated_attributes
+
+    after, before = (evaluator.evaluate(x)["labels"] for x in (images, inputs))
+    flipped, kept = [], []
+    for i, caption in enumerate(captions):
+        stated = {a: v for a, v in stated_attributes(caption).items() if a in after}
+        wanted = [a for a, v in stated.items() if int(before[a][i]) != v]
+        if wanted:
+            flipped.append(all(int(after[a][i]) == stated[a] for a in wanted))
+        kept += [int(after[a][i]) == v for a, v in stated.items() if a not in wanted]
+    return {"flip_rate": sum(flipped) / len(flipped) if flipped else None, "faces_to_flip": len(flipped),
+            "caption_preservation": sum(kept) / len(kept) if kept else None}
+
+
+@torch.no_grad()
+def wanted_probabilities(classifier, images: Tensor, wanted: Mapping[str, int]) -> dict[str, Tensor]:
+    """P(attribute = wanted value) per image under an attribute classifier (a method's own guidance classifier too,
+    e.g. to pick an edit strength), for the attributes it predicts; {} without a classifier or attributes."""
+    if classifier is None or not wanted:
+        return {}
+    x = resize_images(images.to(next(classifier.parameters()).device), classifier.image_size)
+    t = torch.zeros(len(x), dtype=torch.long, device=x.device) if classifier.noise_aware else None
+    probs = classifier.predict(x, t)
+    return {a: probs[a][:, v].cpu() for a, v in wanted.items() if a in probs and probs[a].shape[1] > v}
+
+
+def changed_by_caption(classifier, image: Tensor, caption: str | None) -> dict:
+    """A caption's stated attributes that the classifier reads otherwise on the face `image` ([3, H, W])."""
+    from facelab.metrics.captions import stated_attributes
+
+    if classifier is None or caption is None:
+        return {}
+    stated = {a: v for a, v in stated_attributes(caption).items() if a in classifier.heads}
+    read = wanted_probabilities(classifier, image[None], stated)
+    return {a: stated[a] for a, p in read.items() if p[0] <= 0.5}
+
+
+def choose_alpha(alphas: Sequence[float], wanted_p: Mapping[str, Tensor], default: float = 1.0) -> tuple[int, str]:
+    """An edit strength from wanted_probabilities of the images at each α: (index into alphas, reason), the smallest α
+    whose image shows every wanted attribute (P > 0.5); else the α with the highest least P; with nothing to check,
+    the α nearest `default`."""
+    if not wanted_p:
+        return min(range(len(alphas)), key=lambda j: (abs(alphas[j] - default), alphas[j])), "no attribute to check"
+    least = torch.stack(list(wanted_p.values())).min(0).values
+    reached = [j for j in range(len(alphas)) if least[j] > 0.5]
+    return (reached[0], "reached") if reached else (int(least.argmax()), "not reached")

@@ -33,7 +33,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import Tensor
 
 from facelab.data.layouts import ClassFolders, ImageMaskFolder, keep_outside_face, read_attribute_file
-from facelab.data.synthetic import ATTRIBUTES, SKIN_TONES, SyntheticFaces, sample_face
+from facelab.data.synthetic import ATTRIBUTES, HAIR_COLOURS, SKIN_TONES, SyntheticFaces, sample_face
 from facelab.io.errors import InputError
 from facelab.io.images import read_image, read_keep_mask, read_mask
 
@@ -484,3 +484,87 @@ def _preview(names: Sequence[str], limit: int = 5) -> str:
 
 def _wxh(tensor: Tensor) -> str:
     return f"{tensor.shape[-1]}x{tensor.shape[-2]}"
+
+
+# --- target edits of inputs (method=codiff_edit) ----------------------------------------------------------------------
+EDITS = (*ATTRIBUTES, "hair_shape")  # what `synthetic_edit` can change
+
+
+@dataclass
+class Edit:
+    """One edit of one face: the target value per modality ("mask": label map, "text": caption), the attributes it
+    should change (name -> wanted value), all attributes the result should show (synthetic ground truth) and the
+    counterfactual render (an item of SyntheticFaces), where known."""
+
+    name: str
+    targets: dict
+    changed: dict
+    expected: dict | None = None
+    truth: dict | None = None
+
+
+def synthetic_edit(faces: SyntheticFaces, i: int, name: str) -> Edit | None:
+    """Face i re-rendered with `name` (EDITS) changed: an attribute flipped (a hair colour set) or `hair_shape`
+    (length and volume mirrored); its label map and caption are the targets. None where the renderer cannot change
+    it (a beard on a woman, a face that already has that hair colour)."""
+    face = faces.face(i)
+    if name == "hair_shape":
+        identity = {**face.identity, "hair_length": 1 - face.identity["hair_length"],
+                    "hair_volume": 0.2 - face.identity["hair_volume"]}
+        new = type(face)(face.attributes, face.skin_tone, identity)
+    elif name in HAIR_COLOURS:
+        if face.attributes[name]:
+            return None
+        new = face.with_attributes(**{name: 1})
+    else:
+        new = face.with_attributes(**{name: 1 - face.attributes[name]})
+    changed = {a: new.attributes[a] for a in ATTRIBUTES if new.attributes[a] != face.attributes[a]}
+    if not changed and name != "hair_shape":
+        return None
+    truth = faces.item(new, i)
+    return Edit(name, {"mask": truth["mask"], "text": truth["caption"]}, changed, dict(new.attributes), truth)
+
+
+def own_conditions(inputs: Inputs, i: int) -> dict:
+    """Input i's own label map ("mask") and caption ("text") where the inputs know them."""
+    own = {}
+    if inputs.label_maps is not None:
+        own["mask"] = inputs.label_maps[i]
+    if inputs.faces is not None:
+        own["text"] = inputs.faces[i]["caption"]
+    return own
+
+
+def target_edits(inputs: Inputs, i: int, names: Sequence[str], mask: Tensor | None, text: str | None) -> list[Edit]:
+    """The edits of input i: the synthetic edits `names` (the renderable ones), else one "custom" edit to the given
+    mask and / or text (input i's own label map or caption, where known, for the one not given)."""
+    if names:
+        return [edit for edit in (synthetic_edit(inputs.faces, i, name) for name in names) if edit is not None]
+    own = own_conditions(inputs, i)
+    targets = {"mask": mask if mask is not None else own.get("mask"), "text": text if text is not None else
+               own.get("text")}
+    return [Edit("custom", {m: v for m, v in targets.items() if v is not None}, {})]
+
+
+def plan_target_edits(inputs: Inputs, names: Sequence[str], mask: Tensor | None, text: str | None,
+                      modalities: Sequence[str], check) -> tuple[list[list[Edit]], list[str], list[str]]:
+    """Every input's target_edits restricted to `modalities`, checked before anything runs: (edits per input, the
+    modalities some edit has a target for, warnings of `check(modality, value) -> [warning]`). One InputError line
+    when no edit has a target for these modalities, or an edit lacks a target that another has."""
+    edits, warnings = [], []
+    for i in range(len(inputs)):
+        found = target_edits(inputs, i, names, mask, text)
+        for edit in found:
+            edit.targets = {m: v for m, v in edit.targets.items() if m in modalities}
+            for m, value in edit.targets.items():
+                warnings += [w for w in check(m, value) if w not in warnings]
+        edits.append([e for e in found if e.targets])
+    used = [m for m in modalities if any(m in e.targets for face in edits for e in face)]
+    if not used:
+        raise InputError(f"method.modalities={list(modalities)}: no edit has a target for these models (mask= for the "
+                         "mask model, text= for the text model)")
+    for edit in (edit for face in edits for edit in face):
+        if set(edit.targets) != set(used):
+            raise InputError(f"edit {edit.name}: targets for {', '.join(sorted(edit.targets))} but the models used "
+                             f"are {', '.join(used)}; give a target for each or set method.modalities")
+    return edits, used, warnings

@@ -10,13 +10,24 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from facelab.io.errors import InputError
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 CONF_DIR = PACKAGE_DIR / "conf"  # the Hydra configs ship inside the package; the repository's conf/ links here
 ROOT = PACKAGE_DIR.parent  # the repository root in a source checkout (site-packages in an installed package)
+
+
+def _alias(key: str, default=None, *, _root_):
+    """`${alias:mask_s,0.07}` in a method config: the top-level key of that name (the original flags), else default."""
+    value = OmegaConf.select(_root_, key, default=None)
+    return default if value is None else value
+
+
+# Registered here, by the module every entry point and compose_config import (not only by facelab/__init__.py, which
+# Python skips when the working directory holds a facelab/ folder without one, e.g. a FACELAB_ROOT with facelab/zoo).
+OmegaConf.register_new_resolver("alias", _alias, replace=True)
 
 
 def compose_config(config_name: str, overrides: list[str], run_dir: Path):

@@ -226,7 +226,7 @@ def _bad(tmp_path, capsys, args) -> str:
     dest = tmp_path / "out"
     assert main([*args[:1], str(dest), *args[1:]]) == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and err.startswith("error: ")
+    assert len(err.splitlines()) == 1 and err.startswith("facelab: error: ")
     assert not dest.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]
     return err
 
@@ -372,7 +372,7 @@ def test_module_entry_point_exit_code(tmp_path):
     torch.save({"encoder.layer.0.weight": torch.ones(2)}, unknown)
     run = subprocess.run([sys.executable, "-m", "facelab.convert", str(unknown), str(tmp_path / "out")],
                          capture_output=True, text=True, cwd=Path(__file__).resolve().parent.parent)
-    assert run.returncode == 2 and run.stderr.strip().startswith("error: ") and len(run.stderr.strip().splitlines()) == 1
+    assert run.returncode == 2 and run.stderr.strip().startswith("facelab: error: ") and len(run.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "out").exists()
 
 

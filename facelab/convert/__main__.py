@@ -23,7 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         dest = convert_file(args.src, args.dest, args.format, args.config, ema=args.ema)
     except InputError as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"facelab: error: {err}", file=sys.stderr)
         return 2
     print(f"wrote {dest}")
     return 0

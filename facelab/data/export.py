@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> None:
         dataset = SyntheticFaces(size=args.size, length=args.n, seed=args.seed)
         root = export(dataset, args.out, args.layouts, attribute=args.attribute, overwrite=args.overwrite)
     except (InputError, FileExistsError) as err:
-        sys.exit(f"error: {err}")
+        sys.exit(f"facelab: error: {err}")
     print(f"wrote {args.n} faces as {', '.join(args.layouts)} to {root}")
 
 

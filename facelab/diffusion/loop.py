@@ -34,6 +34,8 @@ from .samplers import DDIM, Sampler
 from .schedule import Schedule, step_pairs
 
 RUNAWAY = 1e4      # |x| beyond this is a diverged run (pixels and latents live within a few units)
+H_RUNAWAY = 1e3    # an h edit moving h by more than this many times its norm (the default debias scales: ≈ 10)
+H_EDIT = "h edit (h_edit; its ‖Δh‖ / (‖h‖ + √dim))"
 CHECK_EVERY = 10  # steps between the (synchronising) reads of the device-side flag
 WATCH = ContextVar("facelab_watch", default=True)  # off for studies of presets known to diverge (check_finite=false)
 
@@ -55,15 +57,17 @@ class FiniteWatch:
         self.step: Tensor | None = None  # [B] first bad reverse step, -1 while good
         self.stage: Tensor | None = None  # [B] index into self.stages
         self.stages: list[str] = []
+        self.bounds: dict[str, float] = {}
         self.times: list[int] = []
 
-    def see(self, value: Tensor, i: int, stage: str) -> None:
+    def see(self, value: Tensor, i: int, stage: str, bound: float = RUNAWAY) -> None:
         if value is None:
             return
         if stage not in self.stages:
             self.stages.append(stage)
+            self.bounds[stage] = bound
         flat = value.detach().reshape(len(value), -1) if value.dim() > 1 else value.detach()[:, None]
-        bad = ~(torch.isfinite(flat) & (flat.abs() <= RUNAWAY)).all(1)
+        bad = ~(torch.isfinite(flat) & (flat.abs() <= bound)).all(1)
         if self.step is None:
             self.step = torch.full(bad.shape, -1, dtype=torch.long, device=bad.device)
             self.stage = torch.zeros_like(self.step)
@@ -80,12 +84,25 @@ class FiniteWatch:
         rows = (self.step == i).nonzero().flatten().tolist()
         stage = self.stages[int(self.stage[rows[0]])]
         raise NonFiniteError(f"sampling diverged at reverse step {i} (t = {self.times[i]}): {stage} turned NaN, "
-                             f"infinite or beyond ±{RUNAWAY:g} for sample(s) {_listed(rows)} of the batch; check the "
-                             "model weights, statistics files and guidance scales", rows)
+                             f"infinite or beyond ±{self.bounds[stage]:g} for sample(s) {_listed(rows)} of the batch; "
+                             "check the model weights, statistics files and guidance scales", rows)
 
 
 def _listed(rows: list[int], limit: int = 8) -> str:
     return ", ".join(map(str, rows[:limit])) + (f" (+{len(rows) - limit} more)" if len(rows) > limit else "")
+
+
+def _watched(edit: Callable[[Tensor], Tensor], watch: FiniteWatch, i: int, stage: str) -> Callable[[Tensor], Tensor]:
+    """An h edit whose size ‖Δh‖ / ‖h‖ the watch sees (a runaway edit shows at its own step, named, not only later
+    in x or never, when x̂0 clipping hides it)."""
+    def watched(h: Tensor) -> Tensor:
+        edited = edit(h)
+        flat = h.flatten(1)  # relative to ‖h‖, or to a unit-RMS h where h is near zero (an untrained network's)
+        size = (edited - h).flatten(1).norm(dim=1) / (flat.norm(dim=1) + flat.shape[1] ** 0.5)
+        watch.see(size, i, stage, bound=H_RUNAWAY)
+        return edited
+
+    return watched
 
 
 def _stage(fn: Callable, hook: str) -> str:
@@ -216,6 +233,8 @@ def sample(model: Callable, schedule: Schedule, x: Tensor, timesteps: Sequence[i
                     for where, editor in editors:
                         edit = editor(state)
                         if edit is not None:
+                            if watch is not None:
+                                edit = _watched(edit, watch, i, _stage(editor, H_EDIT))
                             stack.enter_context(hspace(unet, where, edit=edit))
                     state.eps = model(state.x_t, t, state.cond)
             else:
