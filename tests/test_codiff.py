@@ -37,11 +37,12 @@ def tiny_vae(sample_size: int = 16, seed: int = 0) -> AutoencoderKL:
                          layers_per_block=1, scaling_factor=0.7).eval()
 
 
-def tiny_latent_model(modality: str, vae: AutoencoderKL, seed: int) -> LatentModel:
-    """A random latent model (16 px: latents 3×8×8) with a mask or from-scratch text encoder."""
+def tiny_latent_model(modality: str, vae: AutoencoderKL, seed: int, max_length: int = 12) -> LatentModel:
+    """A random latent model (16 px: latents 3×8×8) with a mask or from-scratch text encoder (of `max_length`
+    tokens)."""
     torch.manual_seed(seed)
     encoder = MaskEncoder(mask_size=8, dim=16) if modality == "mask" else TextEncoder(16, depth=1, heads=2,
-                                                                                      max_length=12)
+                                                                                      max_length=max_length)
     unet = UNet2DConditionModel(sample_size=vae.config.sample_size // 2, in_channels=3, out_channels=3,
                                 layers_per_block=1, block_out_channels=(16, 32), cross_attention_dim=16,
                                 down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),

@@ -4,12 +4,10 @@
 import numpy as np
 import pytest
 import torch
-from diffusers import UNet2DConditionModel
 from PIL import Image
-from test_codiff import SCHEDULER, TINY_DIFFUSER, tiny_vae
+from test_codiff import TINY_DIFFUSER, tiny_latent_model, tiny_vae
 
 from conftest import compose, run_cli
-from facelab.diffusion import Schedule
 from facelab.diffusion.tuning import eps_loss, fine_tune, load_tuned, optimise_embedding, tunable_copy, tuned_weights
 from facelab.evaluators import caption_flips, choose_alpha
 from facelab.io.errors import InputError
@@ -17,7 +15,6 @@ from facelab.io.images import save_image, save_mask
 from facelab.io.tuned import TunedCache
 from facelab.methods.codiff_edit import Options
 from facelab.models.codiff import DynamicDiffusers
-from facelab.models.components.conditions import MaskEncoder, TextEncoder
 from facelab.models.latent import LatentModel
 from facelab.sample import run_sample
 
@@ -29,14 +26,7 @@ TINY = ["sampler.steps=2", "progress=false", "method.stage1_num_iter=2", "method
 
 def tiny_model(modality: str, vae, seed: int) -> LatentModel:
     """A random 16 px latent model whose text encoder reads the synthetic captions (up to 96 tokens)."""
-    torch.manual_seed(seed)
-    encoder = MaskEncoder(mask_size=8, dim=16) if modality == "mask" else TextEncoder(16, depth=1, heads=2,
-                                                                                      max_length=96)
-    unet = UNet2DConditionModel(sample_size=8, in_channels=3, out_channels=3, layers_per_block=1,
-                                block_out_channels=(16, 32), cross_attention_dim=16, attention_head_dim=2,
-                                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), norm_num_groups=8)
-    return LatentModel(vae, unet, Schedule(SCHEDULER), encoder, source=modality)
+    return tiny_latent_model(modality, vae, seed, max_length=96)
 
 
 @pytest.fixture(scope="module")

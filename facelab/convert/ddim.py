@@ -22,6 +22,7 @@ import torch
 from diffusers import DDPMScheduler, UNet2DModel
 
 from facelab.convert.guided_diffusion import fit_state
+from facelab.convert.guided_diffusion import fits as _fits
 from facelab.io.errors import InputError
 
 # the original's YAML layout (configs/*.yml): data.image_size, model.*, diffusion.*
@@ -130,15 +131,6 @@ def map_state(state: dict[str, torch.Tensor], levels: int) -> tuple[dict, dict]:
     return out, origin
 
 
-def fits(state: dict[str, torch.Tensor], config: dict) -> str | None:
-    """None if `config` fits the tensors of `state`, else why not (no weights are built)."""
-    try:
-        build(state, config, dry=True)
-    except InputError as err:
-        return str(err)
-    return None
-
-
 def build(state: dict[str, torch.Tensor], config: dict, dry: bool = False) -> tuple[UNet2DModel | None, dict]:
     model, diffusion, size = _sections(config)
     unet = fit_state(lambda: UNet2DModel(**unet_config(model, size)),
@@ -153,3 +145,8 @@ def convert(state: dict[str, torch.Tensor], dest: Path, config: dict, fmt: str =
     recipe = {"timestep_rescaling": None, "time_embedding": "[sin, cos] (flip_sin_to_cos=False, freq_shift=1)",
               "downsampling": "pad (0,1,0,1) then 3×3 stride-2 conv (downsample_padding=0)"}
     (dest / "recipe.json").write_text(json.dumps(recipe, indent=2) + "\n")
+
+
+def fits(state: dict[str, torch.Tensor], config: dict) -> str | None:
+    """None if `config` fits the tensors of `state`, else why not (guided_diffusion.fits with this format's build)."""
+    return _fits(state, config, build)

@@ -19,6 +19,7 @@ With `learn_sigma` the UNet has 6 output channels, ε first then the variance in
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -273,10 +274,11 @@ def fit_state(make, mapping, state: dict, what: str, dry: bool = False) -> torch
     return model
 
 
-def fits(state: dict[str, torch.Tensor], config: dict) -> str | None:
-    """None if `config` fits the tensors of `state`, else why not (no weights are built)."""
+def fits(state: dict[str, torch.Tensor], config: dict, builder: Callable | None = None) -> str | None:
+    """None if `config` fits the tensors of `state`, else why not (no weights are built). `builder`: the format's
+    `build(state, config, dry=True)` (default this module's; facelab.convert.ddim passes its own)."""
     try:
-        build(state, config, dry=True)
+        (builder or build)(state, config, dry=True)
     except InputError as err:
         return str(err)
     return None
