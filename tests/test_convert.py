@@ -10,13 +10,20 @@ Tolerance: ≤ 1e-4 of the output's max magnitude (measured: ~3e-7, float32 CPU)
 """
 from __future__ import annotations
 
+import argparse
+import builtins
+import functools
 import json
+import operator
 import os
 import pickle
+import subprocess
 import sys
 import zipfile
+from collections import OrderedDict
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -24,7 +31,7 @@ from safetensors.torch import load_file, save_file
 from facelab.convert import convert_file, ddim, detect_format
 from facelab.convert import guided_diffusion as gd
 from facelab.convert.__main__ import main
-from facelab.convert.reading import load_state
+from facelab.convert.reading import Skipped, load_state, restricted_load
 from facelab.io.errors import InputError
 from facelab.models.pretrained import load_denoiser
 
@@ -181,37 +188,132 @@ def test_on_the_fly_conversion_is_cached(gd_file, tmp_path, monkeypatch):
 
 
 # --- reading: never running pickled code -------------------------------------------------------------------------
-class Payload:
+class Reduce:
+    """An object whose unpickling calls func(*args), as a malicious checkpoint's; callable itself, so that one Reduce
+    can be the function another calls (pickle insists)."""
+
+    def __init__(self, func, *args):
+        self.func, self.args = func, args
+
     def __reduce__(self):
-        return (os.system, (f"touch {self.marker}",))
+        return self.func, self.args
+
+    def __call__(self, *args):
+        raise AssertionError("only ever unpickled")
 
 
-class Callback:  # what a Lightning checkpoint pickles besides tensors
-    def __init__(self):
-        self.best_model_path, self.score = "x.ckpt", torch.tensor(0.5)
+def payloads(marker: Path) -> dict[str, Reduce]:
+    """Each creates `marker` when unpickled, through a different route to code."""
+    cmd, import_os = f"touch {marker}", Reduce(builtins.__import__, "os")
+    return {"posix.system": Reduce(os.system, cmd),
+            "builtins.exec": Reduce(builtins.exec, f"open({str(marker)!r}, 'w').close()"),
+            "builtins.eval": Reduce(builtins.eval, f"__import__('os').system({cmd!r})"),
+            "functools.partial": Reduce(functools.partial(os.system, cmd)),
+            "operator.attrgetter": Reduce(Reduce(operator.attrgetter("system"), import_os), cmd),
+            "operator.methodcaller": Reduce(operator.methodcaller("system", cmd), import_os),
+            "builtins.getattr": Reduce(Reduce(builtins.getattr, import_os, "system"), cmd),
+            "subprocess.Popen": Reduce(subprocess.Popen, ["touch", str(marker)])}
 
 
-def test_malicious_checkpoint_is_refused_without_running(tmp_path, capsys):
+@pytest.mark.parametrize("layout", ["zip", "legacy", "pickle"])
+@pytest.mark.parametrize("name", list(payloads(Path("x"))))
+def test_code_running_pickles_are_refused_and_never_run(name, layout, tmp_path, capsys):
+    """torch's zip format (read by the restricted unpickler), its legacy format and a bare pickle: refused with one
+    line naming the callable, the payload never runs; unpickled plainly, the same payload does create the marker."""
     marker = tmp_path / "PWNED"
-    Payload.marker = marker
+    payload = payloads(marker)[name]
+    ckpt = {"state_dict": {"model.w": torch.ones(2)}, "callbacks": {"ModelCheckpoint": payload}, "global_step": 3}
     path = tmp_path / "evil.ckpt"
-    torch.save({"state_dict": {"model.w": torch.ones(2)}, "callbacks": Payload()}, path)
-    assert main([str(path), str(tmp_path / "out")]) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "system" in err and "runs code" in err
-    assert not marker.exists() and not (tmp_path / "out").exists()
+    if layout == "pickle":
+        path.write_bytes(pickle.dumps(ckpt))
+    else:
+        torch.save(ckpt, path, _use_new_zipfile_serialization=layout == "zip")
+    err = _bad(tmp_path, capsys, [str(path)])
+    assert "refused" in err and not marker.exists()
+    if layout == "zip":
+        assert f"the pickle would call {name} when loaded" in err and "runs code" in err
+    if layout == "legacy":
+        assert "it needs code to load" in err
+    assert not tmp_path.joinpath("out").exists() and not marker.exists()
+    live = pickle.loads(pickle.dumps(payload))  # the payload is real
+    if isinstance(live, subprocess.Popen):
+        live.wait()
+    assert marker.exists()
 
 
-def test_lightning_checkpoint_with_callbacks_reads_its_tensors(tmp_path):
-    path = tmp_path / "lightning.ckpt"
-    torch.save({"state_dict": {"model.diffusion_model.a.weight": torch.ones(2, 3),
-                               "model_ema.diffusion_modelaweight": torch.zeros(2, 3),
-                               "model_ema.num_updates": torch.tensor(4)},
-                "callbacks": {"ModelCheckpoint": Callback()}, "epoch": 3}, path)
+def lightning_ckpt(path: Path, ema: bool = True) -> dict:
+    """A Lightning / CompVis-style checkpoint built from the real classes: an OrderedDict state_dict of fp16 and fp32
+    tensors with LitEma's `model_ema.*` (only its decay and counter when ema=False), the ModelCheckpoint callback's
+    state keyed by its class (Lightning 1.4, CompVis) and the callback object itself, AdamW and StepLR states, numpy
+    scalars, OmegaConf hyper-parameters, epoch and global_step. Writes it to `path`; returns what was saved."""
+    from omegaconf import OmegaConf
+    from pytorch_lightning.callbacks import ModelCheckpoint
+
+    g = torch.Generator().manual_seed(0)
+    callback = ModelCheckpoint(dirpath=str(path.parent), monitor="val/loss", save_top_k=3, every_n_train_steps=100)
+    callback.best_model_score, callback.best_model_path = torch.tensor(0.25), str(path)
+    linear = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(linear.parameters(), lr=1e-4)
+    linear(torch.randn(4, 3, generator=g)).sum().backward()
+    optimizer.step()
+    state = OrderedDict([("model.diffusion_model.out.weight", torch.randn(2, 3, generator=g).half()),
+                         ("model.diffusion_model.out.bias", torch.randn(2, generator=g))])
+    if ema:
+        state.update([("model_ema.diffusion_modeloutweight", torch.randn(2, 3, generator=g).half()),
+                      ("model_ema.diffusion_modeloutbias", torch.randn(2, generator=g))])
+    state.update([("model_ema.decay", torch.tensor(0.9999)), ("model_ema.num_updates", torch.tensor(7).int())])
+    ckpt = {"epoch": 3, "global_step": 1000, "pytorch-lightning_version": "1.4.2", "state_dict": state,
+            "callbacks": {ModelCheckpoint: callback.state_dict(), "object": callback},
+            "optimizer_states": [optimizer.state_dict()],
+            "lr_schedulers": [torch.optim.lr_scheduler.StepLR(optimizer, 10).state_dict()],
+            "scores": [np.float64(0.5), np.int64(3), np.float32(1.5)],
+            "hyper_parameters": OmegaConf.create({"base_learning_rate": 1e-4, "channel_mult": [1, 2, 4]})}
+    torch.save(ckpt, path)
+    return ckpt
+
+
+def test_lightning_checkpoint_keeps_tensors_and_skips_objects(tmp_path):
+    path = tmp_path / "last.ckpt"
+    saved = lightning_ckpt(path)
     with pytest.raises(pickle.UnpicklingError):  # torch's own safe loader refuses it...
         torch.load(path, weights_only=True)
-    assert torch.equal(load_state(path)["model.diffusion_model.a.weight"], torch.ones(2, 3))  # ...facelab reads it
-    assert torch.equal(load_state(path, ema=True)["model.diffusion_model.a.weight"], torch.zeros(2, 3))
+    raw = restricted_load(path)  # ...facelab's reads it, nothing imported or called
+    assert type(raw["state_dict"]) is OrderedDict and list(raw["state_dict"]) == list(saved["state_dict"])
+    for key, value in saved["state_dict"].items():
+        assert raw["state_dict"][key].dtype == value.dtype and torch.equal(raw["state_dict"][key], value)
+    assert (raw["epoch"], raw["global_step"], raw["pytorch-lightning_version"]) == (3, 1000, "1.4.2")
+    exp_avg = saved["optimizer_states"][0]["state"][0]["exp_avg"]
+    assert torch.equal(raw["optimizer_states"][0]["state"][0]["exp_avg"], exp_avg)
+    assert raw["lr_schedulers"][0]["step_size"] == 10
+    (cls, callback_state), = [(k, v) for k, v in raw["callbacks"].items() if k != "object"]
+    assert issubclass(cls, Skipped) and cls.name == "pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint"
+    assert callback_state["monitor"] == "val/loss" and torch.equal(callback_state["best_model_score"], torch.tensor(0.25))
+    skipped = [raw["callbacks"]["object"], *raw["scores"], raw["hyper_parameters"]]
+    assert all(isinstance(obj, Skipped) for obj in skipped)
+    names = [obj.name.replace("numpy._core.", "numpy.core.") for obj in skipped]  # numpy 2 renamed its core
+    assert names == [cls.name, *["numpy.core.multiarray.scalar"] * 3, "omegaconf.dictconfig.DictConfig"]
+    assert set(load_state(path)) == {"model.diffusion_model.out.weight", "model.diffusion_model.out.bias"}
+    ema = load_state(path, ema=True)
+    assert torch.equal(ema["model.diffusion_model.out.weight"], saved["state_dict"]["model_ema.diffusion_modeloutweight"])
+
+
+def test_objects_built_from_a_size_stay_placeholders(tmp_path):
+    """bytearray(10**12) would exhaust memory: the restricted unpickler keeps a placeholder and never calls it. (torch's
+    weights_only loader, tried first by load_state, does call it: a MemoryError, not code.)"""
+    path = tmp_path / "bomb.ckpt"
+    torch.save({"state_dict": {"w": torch.ones(2)}, "cb": Reduce(bytearray, 10**12), "r": Reduce(range, 10**12)}, path)
+    raw = restricted_load(path)
+    assert isinstance(raw["cb"], Skipped) and isinstance(raw["r"], Skipped) and torch.equal(raw["state_dict"]["w"],
+                                                                                            torch.ones(2))
+
+
+def test_lightning_views_keep_sharing_their_storage(tmp_path):
+    base = torch.arange(12.0)
+    path = tmp_path / "views.ckpt"
+    torch.save({"state_dict": {"a": base[:6].view(2, 3), "b": base[6:]}, "hparams": argparse.Namespace(lr=1e-4)}, path)
+    state = load_state(path)
+    assert torch.equal(state["a"], base[:6].view(2, 3)) and torch.equal(state["b"], base[6:])
+    assert state["a"].untyped_storage().data_ptr() == state["b"].untyped_storage().data_ptr()
 
 
 def test_ddim_training_list_and_module_prefix(tmp_path):
@@ -252,6 +354,17 @@ def test_bad_inputs_one_line_each(gd_file, tmp_path, capsys):
     with zipfile.ZipFile(tmp_path / "notorch.pt", "w") as z:
         z.writestr("x.txt", "hello")
     _bad(tmp_path, capsys, [str(tmp_path / "notorch.pt")])
+
+
+def test_missing_ema_and_a_ddim_preset_of_other_widths(tmp_path, capsys):
+    path = tmp_path / "no_ema.ckpt"
+    lightning_ckpt(path, ema=False)  # LitEma's decay and counter, but no model_ema.* weights
+    assert "has no EMA weights" in _bad(tmp_path, capsys, [str(path), "--ema"])
+    fixture = json.loads((FIXTURES / "ddim_tiny.json").read_text())
+    torch.save(seeded_state(fixture["shapes"]), tmp_path / "celeba_hq.ckpt")
+    err = _bad(tmp_path, capsys, [str(tmp_path / "celeba_hq.ckpt"), "--config", "sdedit_celebahq"])
+    assert "conv_in.weight [32, 3, 3, 3] (the config expects [128, 3, 3, 3]" in err
+    assert "has no EMA weights" in _bad(tmp_path, capsys, [str(tmp_path / "celeba_hq.ckpt"), "--ema"])
 
 
 def test_existing_destination_is_never_overwritten(gd_file, tmp_path):
@@ -374,15 +487,6 @@ def test_module_entry_point_exit_code(tmp_path):
                          capture_output=True, text=True, cwd=Path(__file__).resolve().parent.parent)
     assert run.returncode == 2 and run.stderr.strip().startswith("facelab: error: ") and len(run.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "out").exists()
-
-
-def test_lightning_views_keep_sharing_their_storage(tmp_path):
-    base = torch.arange(12.0)
-    path = tmp_path / "views.ckpt"
-    torch.save({"state_dict": {"a": base[:6].view(2, 3), "b": base[6:]}, "cb": Callback()}, path)
-    state = load_state(path)
-    assert torch.equal(state["a"], base[:6].view(2, 3)) and torch.equal(state["b"], base[6:])
-    assert state["a"].untyped_storage().data_ptr() == state["b"].untyped_storage().data_ptr()
 
 
 def test_ddim_cli_with_the_originals_yaml_from_safetensors(tmp_path):

@@ -1,16 +1,22 @@
 """Balancing Act h-classifiers (`linears.{k}` of Linear(D → 2), head k ↔ t = grid[k] on the original's 50-step grid)
--> facelab's h-classifier folder: the same logits as the plain linears at every grid t."""
+-> facelab's h-classifier folder: the same logits as the plain linears at every grid t, and method=debias on the
+original's grid (sampler.spacing=floored) guides with every head exactly."""
+import csv
 import json
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 import yaml
 
+from conftest import compose
 from facelab.convert import convert_file, detect_format
 from facelab.convert.__main__ import main as convert_main
 from facelab.convert.hclf import PRESETS, original_grid
+from facelab.io.errors import InputError
 from facelab.models.hclassifier import load_hclassifier
+from facelab.sample import run_sample
 
 
 def release(heads: int = 49, dim: int = 32, classes: int = 2, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -27,6 +33,7 @@ def release(heads: int = 49, dim: int = 32, classes: int = 2, seed: int = 0) -> 
 def test_original_grid():
     grid = original_grid()
     assert grid[:4] == [0, 20, 40, 61] and grid[-2:] == [978, 999] and len(grid) == 50
+    assert grid == [int(s + 1e-6) for s in np.linspace(0, 1, 50) * 999]  # the original's own expression
 
 
 def test_converted_heads_give_the_plain_linears_logits(tmp_path):
@@ -64,3 +71,22 @@ def test_full_size_preset_fits_and_bad_inputs(tmp_path, capsys):
         from facelab.convert.hclf import heads
 
         heads({k: v for k, v in release(dim=32).items() if k != "linears.3.bias"}, {"h_shape": [32]})
+
+
+def test_debias_reads_every_converted_head_exactly_on_the_floored_grid(tiny_model_dir, tmp_path):
+    """The tiny model's h is 16×8×8; a release-layout classifier on it, converted, then method=debias with the default
+    head_lookup=exact: facelab's leading grid has no head for 960, the floored grid guides at all 49 head times."""
+    torch.save(release(dim=16 * 8 * 8), tmp_path / "gender.pt")
+    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump({**PRESETS["ba_gender"], "h_shape": [16, 8, 8]}))
+    dest = convert_file(tmp_path / "gender.pt", tmp_path / "hclf", config=tmp_path / "tiny.yaml")
+    assert load_hclassifier(dest).meta["sampler"] == {"steps": 50, "spacing": "floored"}
+    common = ["method=debias", f"model.pretrained={tiny_model_dir}", f"method.hclf={dest}", "target.Male=0.5",
+              "method.eval_classifier=null", "method.real_faces.num=0", "num_samples=2", "batch_size=2",
+              "progress=false", "sampler.steps=50"]
+    with pytest.raises(InputError, match=r"no head for t=960"):
+        run_sample(compose("sample", common, tmp_path / "leading"))
+    out = tmp_path / "floored"
+    metrics = run_sample(compose("sample", [*common, "sampler.spacing=floored"], out))
+    with open(out / "trajectory.csv") as file:
+        guided = [int(row["t"]) for row in csv.DictReader(file)]
+    assert guided == original_grid()[:-1][::-1] and metrics["guided_steps"] == 49  # 978, 958, …, 20, 0; not 999

@@ -78,6 +78,20 @@ def test_respaced_grid_is_guided_diffusions(schedule):
     assert sorted(grid.tolist())[:4] == [0, 4, 8, 12]
 
 
+@pytest.mark.parametrize("T", [1000, 500])
+def test_floored_grid_is_asyrp_and_balancing_acts(T):
+    """`floored` is the Asyrp / Balancing Act grid, their own expression (diffusion_latent.py, t_0 = T − 1)."""
+    schedule = Schedule(num_train_timesteps=T)
+    for steps in (2, 7, 10, 20, 49, 50, 100, 250, T):
+        seq = np.linspace(0, 1, steps) * (T - 1)
+        original = [int(s + 1e-6) for s in list(seq)]  # increasing, ending at T − 1
+        assert schedule.timesteps(steps, "floored").tolist() == original[::-1], steps
+    grid50 = Schedule().timesteps(50, "floored").tolist()
+    assert grid50[:2] == [999, 978] and grid50[-4:] == [61, 40, 20, 0]  # the release's get_timetstep array
+    assert Schedule().timesteps(50, "respaced").tolist()[-3] == 41  # respaced rounds: the heads would not match
+    assert Schedule().timesteps(1, "floored").tolist() == [999]
+
+
 def test_q_sample_matches_add_noise(schedule):
     x0, noise, _ = tensors(0)
     ref = reference(DDPMScheduler, schedule)

@@ -237,22 +237,39 @@ def test_cli_jacobian_region_on_samples_uses_the_parser(tmp_path, tiny_model_dir
     (["apply=missing.safetensors", "index=1.5"], "index=1.5: give direction numbers"),
     (["discover=umap"], "discover=umap"),
     (["discover=jacobian", "method.jacobian_solver=lanczos"], "method.jacobian_solver=lanczos: use one of krylov"),
-    ([], "needs discover="),
 ])
-def test_cli_bad_input(tmp_path, tiny_model_dir, tiny_classifier, overrides, message):
-    result = run_cli("sample", "method=directions", *overrides, f"model.pretrained={tiny_model_dir}", *TINY,
-                     f"method.classifier={tiny_classifier}", "method.idx_size=8", "method.num_examples=2",
+def test_bad_input(tmp_path, tiny_model_dir, tiny_classifier, overrides, message):
+    """In process (the CLI's one-line exit 2 for the same errors: test_cli_bad_input_exits_2_in_one_line)."""
+    from facelab.sample import run_sample
+
+    out = tmp_path / "run"
+    cfg = compose("sample", ["method=directions", *overrides, f"model.pretrained={tiny_model_dir}", *TINY,
+                             f"method.classifier={tiny_classifier}", "method.idx_size=8", "method.num_examples=2"], out)
+    with pytest.raises(InputError) as err:
+        run_sample(cfg)
+    assert message in str(err.value) and "\n" not in str(err.value)
+    assert not list(out.rglob("*.png")) and not list(out.rglob("*.safetensors"))
+
+
+def test_cli_bad_input_exits_2_in_one_line(tmp_path, tiny_model_dir):
+    result = run_cli("sample", "method=directions", f"model.pretrained={tiny_model_dir}", *TINY,
                      f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
-    assert result.returncode == 2 and message in result.stderr, result.stderr[-2000:]
-    assert "Traceback" not in result.stderr
+    assert result.returncode == 2 and "needs discover=" in result.stderr, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
 
 
-def test_cli_wrong_image_size(tmp_path, tiny_model_dir):
+def test_wrong_image_size(tmp_path, tiny_model_dir):
     from facelab.io.images import save_image
+    from facelab.sample import run_sample
+
     save_image(torch.zeros(3, 32, 32), tmp_path / "faces" / "a.png")
-    result = run_cli("sample", "method=directions", "discover=pca", "method.input=images", f"gt_path={tmp_path / 'faces'}",
-                     f"model.pretrained={tiny_model_dir}", *TINY, f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
-    assert result.returncode == 2 and "32x32 px, the model needs 16x16" in result.stderr
+    cfg = compose("sample", ["method=directions", "discover=pca", "method.input=images", f"gt_path={tmp_path / 'faces'}",
+                             f"model.pretrained={tiny_model_dir}", *TINY], tmp_path / "run")
+    with pytest.raises(InputError, match="32x32 px, the model needs 16x16"):
+        run_sample(cfg)
+
+
+@pytest.mark.slow  # the full-width 113M-parameter UNet: ~30 s on 2 cores (tests/test_resolution.py runs 256 px fast)
 
 
 def test_celebahq_256_architecture_from_a_local_folder(tmp_path):

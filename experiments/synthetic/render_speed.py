@@ -1,6 +1,7 @@
 """Single-core render speed of the synthetic faces (faces per CPU second, one thread): the v1 renderer
 (whole-canvas, as at commit 1276bd15) against today's windowed one, side by side on the same faces, and a check
-that their images and label maps are identical.
+that their images and label maps are identical; and items read back from shards (facelab.data.shards: rendered once,
+then memory-mapped), checked equal to the rendered items.
 
     python experiments/synthetic/render_speed.py [--faces 200] [--repeats 3]
 
@@ -52,6 +53,10 @@ def best_rates(fns, items, repeats: int) -> list[float]:
     return [len(items) / b for b in best]
 
 
+def same_item(a: dict, b: dict) -> bool:
+    return all(torch.equal(a[k], b[k]) if isinstance(a[k], torch.Tensor) else a[k] == b[k] for k in a)
+
+
 def main() -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--faces", type=int, default=200)
@@ -70,20 +75,28 @@ def main() -> dict:
         old, new = best_rates([lambda f, s=size: v1.render(f, s), lambda f, s=size: synthetic.render(f, s)], faces,
                               args.repeats)
         old_item, new_item = best_rates([old_ds.__getitem__, new_ds.__getitem__], range(n), args.repeats)
+        with tempfile.TemporaryDirectory() as folder:
+            start = time.perf_counter()
+            shard_ds = synthetic.SyntheticFaces(size=size, length=n, seed=0, shards=folder, workers=1)
+            write_s = time.perf_counter() - start
+            equal = all(same_item(shard_ds[i], new_ds[i]) for i in range(n))
+            shard_item = best_rates([shard_ds.__getitem__], range(n), args.repeats)[0]
         rows.append({"size": size, "faces": n, "identical": identical,
                      "render_v1_faces_per_s": round(old, 1), "render_faces_per_s": round(new, 1),
                      "render_speedup": round(new / old, 2),
                      "item_v1_faces_per_s": round(old_item, 1), "item_faces_per_s": round(new_item, 1),
-                     "item_speedup": round(new_item / old_item, 2)})
+                     "item_speedup": round(new_item / old_item, 2),
+                     "shard_item_faces_per_s": round(shard_item, 1), "shard_items_equal": equal,
+                     "shard_write_s": round(write_s, 2), "shard_vs_item": round(shard_item / new_item, 1)})
         print(json.dumps(rows[-1]))
     result = {"threads": torch.get_num_threads(), "repeats": args.repeats, "rows": rows}
     (HERE / "render_speed.json").write_text(json.dumps(result, indent=2) + "\n")
-    print("| px | faces | identical | v1 render/s | render/s | × | v1 item/s | item/s | × |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| px | faces | identical | v1 render/s | render/s | × | v1 item/s | item/s | × | shard item/s | × item |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['size']} | {r['faces']} | {r['identical']} | {r['render_v1_faces_per_s']} | "
               f"{r['render_faces_per_s']} | {r['render_speedup']} | {r['item_v1_faces_per_s']} | "
-              f"{r['item_faces_per_s']} | {r['item_speedup']} |")
+              f"{r['item_faces_per_s']} | {r['item_speedup']} | {r['shard_item_faces_per_s']} | {r['shard_vs_item']} |")
     return result
 
 

@@ -3,9 +3,10 @@
 The release (`gender.pt`, `race.pt`, `age.pt`, ...) is a plain state dict `linears.{k}.weight|bias`: 49 heads
 Linear(32768 → 2) on the U-Net's mid-block output h (512×8×8 of the P2-weighting CelebA-HQ 256 ADM, flattened
 C, H, W), head k for t = grid[k] on the original's 50-step grid int(linspace(0, 1, 50)·999) = [0, 20, 40, 61, …,
-978, 999] (t = 999 has no head). They become one per_t HNet with those integer t as keys, written as DEST/config.json +
-model.safetensors (`method=debias method.hclf=DEST`). facelab's own grids round where the original floors (41, not 40,
-at k = 2): sample with head_lookup=nearest, or on the original grid.
+978, 999] (t = 999 has no head: the original guides t ∈ [0, 978]). They become one per_t HNet with those integer t
+as keys, written as DEST/config.json + model.safetensors. That grid is facelab's `floored` spacing
+(facelab.diffusion.schedule), so every head is used exactly (head_lookup=exact, the default) with
+`method=debias method.hclf=DEST sampler.steps=50 sampler.spacing=floored`; the folder records it as meta["sampler"].
 
 Config (a preset, or a YAML with the same keys): `attribute` (the head's name; class 1 is the original's `--male 1`
 class), `h_shape`, `grid_steps` and `num_train_timesteps` (the grid above), or `times` (head k's t, explicitly),
@@ -19,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from facelab.diffusion.schedule import Schedule
 from facelab.io.errors import InputError
 
 _BA = {"h_shape": [512, 8, 8], "grid_steps": 50, "num_train_timesteps": 1000, "where": "after",
@@ -38,8 +40,8 @@ def detect(state: dict[str, torch.Tensor]) -> bool:
 
 
 def original_grid(steps: int = 50, num_train_timesteps: int = 1000) -> list[int]:
-    """The original's increasing grid int(linspace(0, 1, steps)·(T − 1)) (floored, exactly)."""
-    return [(num_train_timesteps - 1) * k // (steps - 1) for k in range(steps)]
+    """The original's increasing grid int(linspace(0, 1, steps)·(T − 1)): facelab's `floored` spacing."""
+    return Schedule(num_train_timesteps=num_train_timesteps).timesteps(steps, "floored").tolist()[::-1]
 
 
 def head_times(config: dict, heads: int) -> list[int]:
@@ -88,6 +90,8 @@ def convert(state: dict[str, torch.Tensor], dest: Path, config: dict, fmt: str) 
             "grid": sorted(original_grid(steps, total), reverse=True) if config.get("times") is None else
             sorted(times, reverse=True), "num_train_timesteps": total, "attributes": {attribute: int(classes)},
             "label_source": "Balancing Act release (converted)", "source": "balancing_act"}
+    if config.get("times") is None:  # the sampler grid that reads every head exactly
+        meta["sampler"] = {"steps": steps, "spacing": "floored"}
     net = HNet({attribute: int(classes)}, dim, times, "per_t", num_train_timesteps=total, meta=meta)
     net.load_state_dict({"weight": weight, "bias": bias})
     save_hclassifier(net, dest)

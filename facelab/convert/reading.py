@@ -2,14 +2,21 @@
 pickled code.
 
 Plain weight files go through `torch.load(weights_only=True)`. PyTorch-Lightning `.ckpt` files also pickle callback
-and config objects, which `weights_only` refuses; those are read by `RestrictedUnpickler`, which rebuilds tensors and
-plain containers itself and replaces every other object by an inert `Skipped` placeholder (nothing is imported and
-no pickled callable is ever called). A pickle that names a code-running callable (os.system, builtins.eval, ...) is
-refused outright. `load_state` then picks the model's weights out of the container (a Lightning `state_dict`, a
-ddim `[model, optimizer, ..., ema]` list, an `ema` sub-dict) and strips a DataParallel `module.` prefix.
+and config objects (ModelCheckpoint, OmegaConf hyper-parameters, numpy scalars), which `weights_only` refuses; those
+are read by `RestrictedUnpickler`, which rebuilds tensors (`torch._utils._rebuild_tensor_v2`, `torch.FloatStorage`,
+`HalfStorage`, ... records) and plain containers (dict, list, tuple, collections.OrderedDict, set, numbers, strings)
+itself and replaces every other object by an inert `Skipped` placeholder: nothing is imported and no pickled callable
+is ever called. A pickle that names a code-running callable (os/posix.system, builtins.exec/eval/getattr/__import__,
+functools.partial, operator.attrgetter/methodcaller, subprocess, ...; Python 2 names are mapped first, so
+`__builtin__.eval` and `commands.Popen` count) is refused outright. `load_state` then picks the model's weights out
+of the container (a Lightning `state_dict`, a ddim `[model, optimizer, ..., ema]` list, an `ema` sub-dict) and strips
+a DataParallel `module.` prefix.
 """
 from __future__ import annotations
 
+import _compat_pickle
+import builtins
+import collections
 import pickle
 import struct
 import zipfile
@@ -28,7 +35,11 @@ DANGEROUS = {"builtins", "__builtin__", "os", "posix", "nt", "subprocess", "sys"
              "operator", "functools", "inspect", "pydoc", "platform", "multiprocessing", "asyncio", "signal",
              "torch.hub", "torch.jit", "torch._ops", "torch.ops",
              "numpy.testing", "timeit", "exec", "eval"}
-SAFE_BUILTINS = {"set", "frozenset", "complex", "slice", "bytearray", "range"}
+SAFE_BUILTINS = {"set", "frozenset", "complex", "slice"}  # rebuilt for real
+# builtins named as types (OmegaConf's metadata: object_type=dict) or that could build huge objects from a size
+# (bytearray(10**12), set(range(...))): kept as placeholders, never called
+INERT_BUILTINS = {"dict", "list", "tuple", "int", "float", "str", "bool", "bytes", "bytearray", "range", "object"}
+TORCH_DTYPES = {name for name, value in vars(torch).items() if isinstance(value, torch.dtype)}
 _STORAGE_DTYPES = {"FloatStorage": torch.float32, "DoubleStorage": torch.float64, "HalfStorage": torch.float16,
                    "BFloat16Storage": torch.bfloat16, "LongStorage": torch.int64, "IntStorage": torch.int32,
                    "ShortStorage": torch.int16, "CharStorage": torch.int8, "ByteStorage": torch.uint8,
@@ -97,17 +108,20 @@ class RestrictedUnpickler(pickle.Unpickler):
         self.storages: dict[str, tuple] = {}  # views of one storage share it
 
     def find_class(self, module: str, name: str):
+        if (module, name) in _compat_pickle.NAME_MAPPING:  # Python 2 names, as pickle's own find_class maps them
+            module, name = _compat_pickle.NAME_MAPPING[(module, name)]
+        module = _compat_pickle.IMPORT_MAPPING.get(module, module)
         if (module, name) in _ALLOWED:
             return _ALLOWED[(module, name)]
-        if module == "collections" and name == "OrderedDict":
-            import collections
+        if (module, name) == ("collections", "OrderedDict"):
             return collections.OrderedDict
-        if module in ("builtins", "__builtin__") and name in SAFE_BUILTINS:
-            return __builtins__[name] if isinstance(__builtins__, dict) else getattr(__builtins__, name)
-        if module == "torch" and (name in _STORAGE_DTYPES or isinstance(getattr(torch, name, None), torch.dtype)):
+        if module == "builtins" and name in SAFE_BUILTINS:
+            return getattr(builtins, name)
+        if module == "torch" and (name in _STORAGE_DTYPES or name in TORCH_DTYPES):
             return _STORAGE_DTYPES.get(name) or getattr(torch, name)
         root = module.split(".")[0]
-        if root in DANGEROUS or module in DANGEROUS or name in ("eval", "exec", "system", "__import__"):
+        if not (module == "builtins" and name in INERT_BUILTINS) and (
+                root in DANGEROUS or module in DANGEROUS or name in ("eval", "exec", "system", "__import__")):
             raise InputError(f"{self.path}: refused, the pickle would call {module}.{name} when loaded "
                              "(a checkpoint that runs code); nothing was executed")
         self.skipped.add(f"{module}.{name}")

@@ -423,17 +423,23 @@ def caption(face: Face) -> str:
 class SyntheticFaces(torch.utils.data.Dataset):
     """Dataset of synthetic faces: ds[i] -> dict(image, mask, attributes, caption, index, name).
 
-    Faces are rendered on demand (deterministic per seed and index); `cache=True` keeps rendered items.
+    Faces are rendered on demand (deterministic per seed and index); `cache=True` keeps rendered items in memory;
+    `shards=DIR` renders them once into DIR (with `workers` processes) and reads them from there (facelab.data.shards).
     """
 
     attribute_names = ATTRIBUTES
 
     def __init__(self, size: int = 64, length: int = 10000, seed: int = 0, priors: Mapping | None = None,
-                 start: int = 0, cache: bool = False):
+                 start: int = 0, cache: bool = False, shards: str | None = None, workers: int | None = None):
         self.size, self.length, self.seed, self.start = int(size), int(length), int(seed), int(start)
         self.priors = dict(priors or {})
         sample_face(np.random.default_rng(0), self.priors)  # validate priors now, not in a worker
         self._cache: dict[int, dict] | None = {} if cache else None
+        self._shards = None
+        if shards:
+            from facelab.data.shards import Shards
+
+            self._shards = Shards(self, shards, workers)
 
     def __len__(self) -> int:
         return self.length
@@ -444,12 +450,16 @@ class SyntheticFaces(torch.utils.data.Dataset):
 
     def item(self, face: Face, index: int) -> dict:
         rgb, label = render(face, self.size)
+        return self._item(rgb, label, [face.attributes[a] for a in ATTRIBUTES], face.skin_tone, caption(face), index)
+
+    def _item(self, rgb: np.ndarray, label: np.ndarray, attributes: list, skin_tone: int, text: str,
+              index: int) -> dict:
         return {
             "image": torch.from_numpy(rgb).permute(2, 0, 1).float() / 127.5 - 1,
             "mask": torch.from_numpy(label),
-            "attributes": torch.tensor([face.attributes[a] for a in ATTRIBUTES], dtype=torch.float32),
-            "skin_tone": face.skin_tone,
-            "caption": caption(face),
+            "attributes": torch.tensor(attributes, dtype=torch.float32),
+            "skin_tone": skin_tone,
+            "caption": text,
             "index": index,
             "name": f"{self.start + index:06d}",
         }
@@ -459,7 +469,10 @@ class SyntheticFaces(torch.utils.data.Dataset):
             raise IndexError(f"index {index} out of range for {self.length} synthetic faces")
         if self._cache is not None and index in self._cache:
             return self._cache[index]
-        item = self.item(self.face(index), index)
+        if self._shards is not None:
+            item = self._item(*self._shards.record(index), index)
+        else:
+            item = self.item(self.face(index), index)
         if self._cache is not None:
             self._cache[index] = item
         return item

@@ -34,7 +34,7 @@ DEFAULTS = {
 }
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
 VARIANCE_TYPES = ("fixed_small", "fixed_large", "learned_range")
-SPACINGS = ("leading", "trailing", "linspace", "respaced")
+SPACINGS = ("leading", "trailing", "linspace", "respaced", "floored")
 
 
 def _read_config(cfg) -> dict:
@@ -260,7 +260,9 @@ class Schedule:
         """A decreasing grid of `steps` training times.
 
         leading / trailing / linspace follow diffusers' DDIMScheduler.set_timesteps (leading adds
-        `offset`, default the config's steps_offset); respaced = round(i·(T−1)/(S−1)) as guided-diffusion.
+        `offset`, default the config's steps_offset); respaced = round(i·(T−1)/(S−1)) as guided-diffusion;
+        floored = ⌊i·(T−1)/(S−1)⌋ as Asyrp and Balancing Act (`int(linspace(0, 1, S)·t_0 + 1e-6)`, t_0 = T−1: 50
+        steps give 999, 978, …, 40, 20, 0 where respaced gives …, 41, 20, 0). One step: [T−1] for both.
         `spacing` defaults to the config's timestep_spacing.
         """
         T = self.num_train_timesteps
@@ -276,6 +278,8 @@ class Schedule:
             grid = np.linspace(0, T - 1, steps).round()[::-1]
         elif spacing == "respaced":
             grid = [round(i * (T - 1) / (steps - 1)) for i in range(steps)][::-1] if steps > 1 else [T - 1]
+        elif spacing == "floored":
+            grid = [i * (T - 1) // (steps - 1) for i in range(steps)][::-1] if steps > 1 else [T - 1]
         else:
             raise ValueError(f"spacing={spacing!r}; use one of {SPACINGS}")
         return torch.tensor(np.asarray(grid, dtype=np.int64))

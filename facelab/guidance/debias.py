@@ -217,7 +217,8 @@ class HSpaceDebias(Guidance):
         key = self.net.head_time(t, self.head_lookup)
         if key is None:
             raise InputError(f"h-classifier {self.source} has no head for t={t}: it was trained on the grid "
-                             f"{self.net.times}; sample on that grid, use head_lookup=nearest, or restrict window")
+                             f"{self.net.times}; sample on that grid (a converted Balancing Act classifier: "
+                             "sampler.spacing=floored sampler.steps=50), use head_lookup=nearest, or restrict window")
         return key
 
     def kappa(self, state: State, t: int) -> float:

@@ -30,7 +30,7 @@ def _is_safetensors(path: Path) -> bool:
 def _reason(err: BaseException) -> str:
     """The one informative line of a torch.load error (its messages run to a page)."""
     text = str(err)
-    unsupported = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+    unsupported = re.search(r"[Uu]nsupported (?:global: )?GLOBAL (\S+)", text)
     if unsupported:
         return f"it needs code to load ({unsupported.group(1)}), which is never run"
     after = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", text)
