@@ -8,7 +8,7 @@ RUN := WANDB_MODE=offline HF_HUB_OFFLINE=1 $(BIN)/python
 STAMP := $(VENV)/.installed
 REFS := $(VENV)/refs
 
-.PHONY: install browser test test-all lint demo zoo bench clean
+.PHONY: install browser test test-all lint demo zoo bench device-wheels clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -46,6 +46,12 @@ zoo: $(STAMP)
 
 bench: $(STAMP)
 	$(RUN) experiments/bench/sampling_overhead.py
+
+# what a lent GPU machine's image lacks, as pure-Python wheels (6.5 MiB; experiments/zoo/v2/README.md)
+device-wheels: $(STAMP)
+	$(BIN)/python -m pip download -q --no-deps --only-binary=:all: -d .whl diffusers==0.42.1 hydra-core==1.3.8 \
+	  omegaconf==2.3.1
+	$(BIN)/python -m pip wheel -q --no-deps -w .whl antlr4-python3-runtime==4.9.3
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

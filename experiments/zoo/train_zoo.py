@@ -69,7 +69,7 @@ def last_logged(csv_paths: list[Path], keys: tuple[str, ...]) -> dict:
     return last
 
 
-def train(name: str, overrides: list[str]) -> None:
+def train(name: str, overrides: list[str], run_extras: bool = True) -> None:
     run_dir = ROOT / "outputs" / "zoo" / name
     last = run_dir / "checkpoints" / "last.ckpt"
     cmd = [sys.executable, "-m", "facelab.train", f"+experiment={ZOO[name]}", f"hydra.run.dir={run_dir}",
@@ -102,7 +102,8 @@ def train(name: str, overrides: list[str]) -> None:
     }
     (target / "recipe.json").write_text(json.dumps(recipe, indent=2))
     print(json.dumps(recipe, indent=2))
-    extras(name)
+    if run_extras:
+        extras(name)
 
 
 def store_half(weights: Path) -> None:

@@ -33,6 +33,7 @@ from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, con
 from torch import nn
 
 from facelab.io.errors import InputError
+from facelab.pipelines import write_index
 
 _UNET_512 = {"image_size": 64, "in_channels": 3, "out_channels": 3, "model_channels": 192,
              "attention_resolutions": [8, 4, 2], "num_res_blocks": 2, "channel_mult": [1, 2, 3, 5], "num_heads": 32,
@@ -308,6 +309,7 @@ def convert(state: dict[str, torch.Tensor], dest: Path, config: dict, fmt: str) 
             raise InputError("not a CompVis LDM or autoencoder checkpoint (no first_stage_model.* or encoder.*)")
         convert_vae(state, first_stage, cfg.get("scale_factor"), "").save_pretrained(dest / "vae",
                                                                                      safe_serialization=True)
+        write_index(dest)
         _recipe(dest, ["vae"], None)
         return
     vae = convert_vae(_part(state, vae_prefix), first_stage, cfg.get("scale_factor"), vae_prefix)
@@ -346,6 +348,7 @@ def _write_codiff(state: dict[str, torch.Tensor], dest: Path, cfg: dict, vae: Au
                 "latent_shape": list(first.latent_shape), "reweight": Reweight.from_options({"reweight": "paper"})
                 .options()}
     (dest / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    write_index(dest)
     _recipe(dest, ["codiff", "ldm_mask", "ldm_text"], cfg)
 
 

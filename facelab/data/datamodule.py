@@ -65,6 +65,8 @@ class FaceDataModule(pl.LightningDataModule):
 
     `dataset` and `val_dataset` are Datasets or Hydra configs with a ``_target_`` (built in `setup`). `batch_size`
     is the global batch: each of the trainer's `world_size` processes loads `batch_size / world_size` of it.
+    `resolution` is conf/data's one size knob (`data.resolution=256`: the dataset's `size` and the models' image size
+    follow it); the module keeps it as `self.resolution`, the dataset does the resizing.
     """
 
     def __init__(
@@ -76,8 +78,10 @@ class FaceDataModule(pl.LightningDataModule):
         num_workers: int = 0,
         pin_memory: bool = False,
         seed: int = 0,
+        resolution: int | None = None,
     ):
         super().__init__()
+        self.resolution = resolution
         if not 0 <= val_fraction < 1:
             raise InputError(f"val_fraction={val_fraction}: must lie in [0, 1)")
         self.dataset_spec, self.val_dataset_spec = dataset, val_dataset

@@ -96,6 +96,11 @@ class AttributeClassifier(FacelabModule):
         if missing:
             raise InputError(f"model.attributes {missing} are not in the data's attributes ({names or 'none'})")
         self.columns = [names.index(a) for a in self.net.attributes]
+        data = self.trainer.datamodule.train_set
+        absent = [head for head in self.net.categorical if len(data) and head not in data[0]]
+        if absent:
+            raise InputError(f"model.categorical heads {absent} have no labels in the data (CelebA's attributes are "
+                             "all binary): set model.categorical=null")
 
     def _step(self, batch: dict, generator: torch.Generator | None) -> tuple[Tensor, dict[str, Tensor]]:
         x, t = batch["image"], None

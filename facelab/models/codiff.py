@@ -26,6 +26,7 @@ from facelab.models.base import DEFAULT, NOT_HYPERPARAMETERS, DiffusionModule
 from facelab.models.components.ema import EMA
 from facelab.models.latent import LatentModel, load_latent_model
 from facelab.models.pretrained import ModelKind, load_model, register
+from facelab.pipelines import write_index
 
 MANIFEST = "codiff.json"
 BATCH_KEYS = {"mask": "mask", "text": "caption"}  # the batch entry that feeds each modality's condition encoder
@@ -188,11 +189,13 @@ class DynamicDiffusers(DiffusionModule):
         checkpoint["state_dict"].update({f"experts.{k}": v for k, v in self.experts.state_dict().items()})
 
     def export(self, folder: str | Path) -> Path:
-        """Write `codiff.json` and each EMA dynamic diffuser as `diffusers_<name>/` (a diffusers folder)."""
+        """Write `codiff.json`, each EMA dynamic diffuser as `diffusers_<name>/` (a diffusers folder) and
+        model_index.json (facelab.pipelines.FacelabCollaborativePipeline)."""
         folder = Path(folder)
         for name, unet in self.ema.module.items():
             unet.save_pretrained(folder / f"diffusers_{name}", safe_serialization=True)
         (folder / MANIFEST).write_text(json.dumps(self.manifest, indent=2))
+        write_index(folder)
         return folder
 
 

@@ -7,6 +7,7 @@ Exported folder layout (`LatentModel.save`, `load_latent_model`):
   scheduler/  scheduler_config.json
   condition/  config.json + model.safetensors (the condition encoder)
   latent_model.json  {"modality": "mask" | "text", "vae_fingerprint": ...}
+  model_index.json   diffusers' FacelabLatentPipeline (facelab.pipelines)
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from facelab.io.images import resize_mask
 from facelab.models.components.conditions import build_condition_encoder, load_condition_encoder, save_condition_encoder
 from facelab.models.pretrained import ModelKind, _digest, load_model, register, zoo
 from facelab.models.vae import load_vae, vae_from_checkpoint
+from facelab.pipelines import write_index
 
 META = "latent_model.json"
 
@@ -125,6 +127,7 @@ class LatentModel(nn.Module):
         save_condition_encoder(self.encoder, folder / "condition")
         meta = {"modality": self.modality, "vae_fingerprint": self.vae_fingerprint()}
         (folder / META).write_text(json.dumps(meta, indent=2))
+        write_index(folder)
         return folder
 
 

@@ -77,8 +77,9 @@ class FaceParser(FacelabModule):
         data = self.trainer.datamodule.train_set
         n = min(len(data), self.hparams.weight_samples)
         if n == 0 or "mask" not in data[0]:
-            raise InputError("the face parser trains on data with label maps (`mask`): use data=synthetic or "
-                             "data=image_mask")
+            raise InputError("the face parser trains on data with label maps (`mask`): data=synthetic, data=celebahq "
+                             "with CelebAMask-HQ-mask/ (or -mask-anno/), or data=image_mask "
+                             "data.dataset.mask_kind=labels")
         return torch.stack([data[i]["mask"] for i in range(n)])
 
     def _loss(self, batch: dict) -> tuple[Tensor, Tensor]:

@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from facelab.io.errors import InputError
 from facelab.models.base import DEFAULT, NOT_HYPERPARAMETERS, FacelabModule
 from facelab.models.pretrained import ModelKind, frozen, load_model, register, zoo
+from facelab.pipelines import write_index
 
 
 class PatchDiscriminator(nn.Module):
@@ -150,9 +151,11 @@ class VAE(FacelabModule):
         self.vae.register_to_config(scaling_factor=checkpoint["vae_config"]["scaling_factor"])
 
     def export(self, folder: str | Path) -> Path:
-        """Write the autoencoder as a diffusers folder `folder/vae/` (safetensors), with the measured scaling_factor."""
+        """Write the autoencoder as a diffusers folder `folder/vae/` (safetensors), with the measured scaling_factor,
+        and model_index.json (facelab.pipelines.FacelabAutoencoderPipeline)."""
         folder = Path(folder)
         self.vae.save_pretrained(folder / "vae", safe_serialization=True)
+        write_index(folder)
         return folder
 
 
