@@ -42,6 +42,7 @@ STREAMS = {
     "directions.x_T": 0, "directions.noise": 1,
     "cyclediff.noise": 1, "cyclediff.start": 2, "cyclediff.term": 3,  # keyed by (seed, first face of the batch)
     "codiff_edit.start": 0, "codiff_edit.noise": 1, "codiff_edit.train": 2, "codiff_edit.reweight": 3,  # keyed by face
+    "codiff_edit.region": 4,
 }
 SEED_MULTIPLIER = 1000003
 RESUME_DIR = ".resume"  # <run dir>/.resume/<folder>/<first>.pt: the generators' states after a finished batch

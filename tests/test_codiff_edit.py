@@ -8,6 +8,7 @@ from PIL import Image
 from test_codiff import TINY_DIFFUSER, tiny_latent_model, tiny_vae
 
 from conftest import compose, run_cli
+from facelab.diffusion import blend
 from facelab.diffusion.tuning import eps_loss, fine_tune, load_tuned, optimise_embedding, tunable_copy, tuned_weights
 from facelab.evaluators import caption_flips, choose_alpha
 from facelab.io.errors import InputError
@@ -17,6 +18,7 @@ from facelab.methods.codiff_edit import Options
 from facelab.models.codiff import DynamicDiffusers
 from facelab.models.latent import LatentModel
 from facelab.sample import run_sample
+from facelab.sources import SyntheticSource, synthetic_edit
 
 CAPTION = "This woman is smiling. She has blond hair."
 TINY = ["sampler.steps=2", "progress=false", "method.stage1_num_iter=2", "method.stage2_num_iter=2",
@@ -209,7 +211,10 @@ def test_bad_input_is_one_line_and_writes_nothing(stages, tmp_path):
             ([f"gt_path={stages['faces']}", "text=' '"], "caption is empty"),
             (["method.alpha_list=[0,5]"], "α=5.0 is outside [-1, 3]"),
             ([f"gt_path={stages['faces']}"], "give the edit's target"),
-            (["method.edit=Smile"], "method.edit=Smile: not an attribute"))):
+            (["method.edit=Smile"], "method.edit=Smile: not an attribute"),
+            (["method.blend=paste"], "method.blend=paste: use one of auto, none, region"),
+            (["method.blend=region", "method.region.auto=decoded", "method.alpha_list=[1,2]"], "put 0 in"),
+            (["method.blend=region", "method.region.t=1000"], "method.region.t=1000: a timestep in [0, 999]"))):
         run = tmp_path / f"bad{i}"
         with pytest.raises(InputError) as err:
             edit_run(stages, tmp_path, f"bad{i}", *extra)
@@ -253,3 +258,96 @@ def test_invert_without_own_conditions_uses_the_stage1_embedding(stages, tmp_pat
     assert metrics["modalities"] == ["text"] and metrics["tuning"]["faces_tuned"] == 1  # stage 1 only, nothing cached
     assert metrics["tuning"]["network_calls_per_face"] == 2 and metrics["cache_files_written"] == []
     assert (tmp_path / "run" / "edits" / "a" / "custom_alpha=1.png").is_file()
+
+
+# --- blend=region: the input kept outside the edit's region ---------------------------------------------------------
+def dilated_by_hand(region: np.ndarray, px: int) -> np.ndarray:
+    h, w = region.shape
+    return np.array([[region[max(0, y - px):y + px + 1, max(0, x - px):x + px + 1].any() for x in range(w)]
+                     for y in range(h)], dtype=bool)
+
+
+def test_paste_keeps_the_input_exactly_beyond_the_feathered_region():
+    g = torch.Generator().manual_seed(0)
+    edit, image = torch.rand(2, 3, 20, 20, generator=g), torch.rand(2, 3, 20, 20, generator=g)
+    region = torch.zeros(2, 1, 20, 20)
+    region[0, 0, 5:8, 6:9], region[1, 0, 12, 3] = 1, 1
+    mask = blend.feather(region, 2)
+    out = blend.paste(edit, image, mask)
+    for b in range(2):
+        inside, near = region[b, 0].numpy() > 0, dilated_by_hand(region[b, 0].numpy() > 0, 2)
+        assert torch.equal(out[b][:, ~torch.from_numpy(near)], image[b][:, ~torch.from_numpy(near)])  # bit for bit
+        assert torch.equal(out[b][:, torch.from_numpy(inside)], edit[b][:, torch.from_numpy(inside)])
+        ring = near & ~inside  # chessboard distance 1 or 2: weights 2/3 and 1/3 of the edit
+        one = dilated_by_hand(inside, 1) & ~inside
+        for where, w in ((one, 2 / 3), (ring & ~one, 1 / 3)):
+            cells = torch.from_numpy(where)
+            assert torch.allclose(out[b][:, cells], w * edit[b][:, cells] + (1 - w) * image[b][:, cells], atol=1e-6)
+
+
+def test_a_caption_region_is_where_the_condition_moves_the_noise_prediction():
+    """A denoiser whose ε depends on the caption tokens only in one patch: DiffEdit's region is that patch."""
+    patch = torch.zeros(1, 1, 8, 8)
+    patch[..., 2:4, 5:7] = 1
+
+    class Toy:
+        calls = 0
+
+        def __call__(self, z, t, cond):
+            self.calls += 1
+            return z + cond[0]["encoder_hidden_states"].mean(dim=(1, 2)).view(-1, 1, 1, 1) * patch
+
+    toy, schedule = Toy(), tiny_model("text", tiny_vae(), 1).schedule
+    target, source = (torch.ones(1, 4, 6), torch.ones(1, 4)), (torch.zeros(1, 4, 6), torch.ones(1, 4))
+    difference = blend.noise_region(toy, schedule, torch.randn(1, 3, 8, 8), [target], [source], 500, 3,
+                                    torch.Generator().manual_seed(0))
+    assert toy.calls == 1 and torch.allclose(difference, patch)  # |1 − 0| in the patch for every draw
+    region = blend.binary(difference, (16, 16), 0.5)[0, 0]
+    assert region.sum() > 0  # non-empty and inside the patch at image scale (rows 4-7, columns 10-13)
+    assert region[:3].sum() == 0 and region[9:].sum() == 0 and region[:, :9].sum() == 0 and region[:, 14:].sum() == 0
+    assert region[5:7, 11:13].all()
+    same = blend.noise_region(toy, schedule, torch.randn(1, 3, 8, 8), [source], [source], 500, 3,
+                              torch.Generator().manual_seed(0))
+    assert blend.binary(same, (16, 16), 0.5).sum() == 0  # an unchanged caption: no region
+    images = torch.zeros(2, 3, 16, 16)
+    images[1, :, 4:6, 7:9] = 0.5  # decoded: only where the α = 1 image moved from the α = 0 one
+    moved = blend.binary(blend.decoded_region(images, images[:1]), (16, 16), 0.5)
+    assert moved[0].sum() == 0 and torch.equal(moved[1, 0] > 0, images[1, 0] > 0)
+
+
+def test_blend_region_of_a_mask_edit_is_the_dilated_label_difference(stages, tmp_path):
+    """With region.auto=null and no feather the paste mask is the label difference dilated by 2 px (computed here by
+    hand), and the edit keeps the input's pixels bit for bit outside it."""
+    metrics = edit_run(stages, tmp_path, "run", "num_samples=1", "method.edit=Mouth_Slightly_Open", "method.blend=region",
+                       "method.region.auto=null", "method.region.feather=0", "method.region.dilate=2", mode="invert")
+    assert metrics["blend"] == "region" and metrics["region"]["auto"] is None
+    inputs = SyntheticSource(1).load(16)
+    own, target = inputs.label_maps[0].numpy(), synthetic_edit(inputs.faces, 0, "Mouth_Slightly_Open").targets["mask"]
+    expected = dilated_by_hand(own != target.numpy(), 2)
+    assert 0 < expected.mean() < 0.5
+    out, face = tmp_path / "run", "face900000"
+    region = pixels(out / "regions" / f"{face}_Mouth_Slightly_Open.png")
+    assert np.array_equal(region[..., 0] > 127, expected) and set(np.unique(region)) <= {0, 255}
+    assert metrics["edits"]["Mouth_Slightly_Open"]["region_area"] == pytest.approx(expected.mean())
+    source = pixels(out / "inputs" / f"{face}.png")
+    for alpha in ("0", "1"):
+        edited = pixels(out / "edits" / face / f"Mouth_Slightly_Open_alpha={alpha}.png")
+        assert np.array_equal(edited[~expected], source[~expected])
+
+
+def test_blend_none_is_the_unblended_edit(stages, tmp_path):
+    """blend=region with a region covering everything (threshold 0 of the decoded difference, dilated over the whole
+    image) gives blend=none's pixels: the paste adds nothing else; its `unblended` scores are blend=none's."""
+    plain = edit_run(stages, tmp_path, "plain", "num_samples=1", "method.edit=Smiling", "method.blend=none",
+                     mode="invert")
+    everywhere = edit_run(stages, tmp_path, "all", "num_samples=1", "method.edit=Smiling", "method.blend=region",
+                          "method.region.labels=false", "method.region.auto=decoded", "method.region.threshold=0",
+                          "method.region.dilate=16", mode="invert")
+    assert plain["blend"] == "none" and plain["region"] is None and plain["edits"]["Smiling"]["region_area"] is None
+    assert everywhere["edits"]["Smiling"]["region_area"] == 1.0
+    unblended = everywhere["edits"]["Smiling"]["unblended"]  # a blend run scores blend=none's images too
+    assert {k: unblended[k] for k in ("psnr", "ssim", "alphas")} == {k: plain["edits"]["Smiling"][k] for k in
+                                                                     ("psnr", "ssim", "alphas")}
+    face = "face900000"
+    assert np.array_equal(pixels(tmp_path / "plain" / "edits" / face / "Smiling_alpha=1.png"),
+                          pixels(tmp_path / "all" / "edits" / face / "Smiling_alpha=1.png"))

@@ -18,19 +18,23 @@ from hydra.utils import instantiate
 
 from conftest import CONF, TINY_TRAIN, TINY_UNET, compose, run_cli
 from facelab.diffusion import DDIM, DDPM, Schedule, State, sample
+from facelab.diffusion.denoiser import Denoiser
 from facelab.guidance.cyclediff import (
     RECONSTRUCTION,
     AttributeLoss,
+    ClassifierFree,
     Context,
     CycleDiffGuidance,
     CycleStepByStep,
     CycleToOrigin,
     StepNoise,
+    check_edit,
+    classifier_free,
     parse_edits,
 )
 from facelab.io.errors import InputError
 from facelab.io.images import save_image
-from facelab.models.classifier import AttributeClassifier, AttributeNet
+from facelab.models.classifier import AttributeClassifier, AttributeNet, training_times
 from facelab.models.components.attributes import attribute_unet
 from facelab.models.ddpm import PixelDDPM
 from facelab.models.pretrained import load_denoiser
@@ -167,8 +171,9 @@ def test_experiments_compose(tmp_path):
     assert (instantiate(reference.sampler).name, reference.sampler.steps, reference.sampler.clip) == ("ddpm", 1000, False)
     assert reference.method.start == "original" and reference.method.weights.cycle == 1000
     default = compose("sample", ["method=cyclediff"], tmp_path)
-    assert (instantiate(default.sampler).name, default.sampler.steps, default.method.start) == ("ddim", 50,
-                                                                                                "ddim_inversion")
+    sampler = instantiate(default.sampler)
+    assert (sampler.name, sampler.steps, sampler.eta, default.method.start, default.method.cfg_scale) == (
+        "ddim", 50, 1, "auto", 1)  # auto: the edit-friendly inversion under DDIM(η = 1)
 
 
 # --- guidance maths ------------------------------------------------------------------------------------------
@@ -296,6 +301,60 @@ def test_attribute_loss_is_the_originals_on_flipped_attributes(noise_aware):
     assert loss[2] == 0  # nothing flipped: no attribute gradient
 
 
+@pytest.mark.parametrize("scale", [0.0, 2.5])
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+def test_classifier_free_step_is_the_ddim_update_by_hand(scale, eta):
+    """One guided DDIM(η) step under ClassifierFree equals ε̃ = ε_∅ + w(ε_y − ε_∅) from direct UNet calls (null label
+    0), minus the score-form guidance √(1−ᾱ_t)·g, put through the DDIM update by hand; the guidance terms see the plain
+    conditional ε_y (its `model`); w = 1 is the denoiser itself."""
+    torch.manual_seed(0)
+    unet = attribute_unet(TINY_UNET, ATTRS).double().eval()
+    with torch.no_grad():
+        unet.class_embedding.linear_2.weight.normal_(0, 0.5)
+    denoiser = Denoiser(unet, SCHEDULE)
+    x_t, z, w, t, s = rand(3, 3, 16, 16, seed=1), rand(3, 3, 16, 16, seed=2), rand(1, 3, 16, 16, seed=3), 600, 560
+    y = torch.tensor([[1.0, -1, 1, -1], [-1, -1, 1, 1], [1, 1, -1, 1]], dtype=torch.float64)
+    with torch.no_grad():
+        steps = torch.full((3,), t)
+        eps_y = unet(x_t, steps, class_labels=y).sample
+        eps_null = unet(x_t, steps, class_labels=torch.zeros_like(y)).sample
+        seen = []
+        guidance = CycleDiffGuidance({"linear": (0.3, Linear(w)),
+                                      "seen": (1.0, lambda ctx: seen.append(ctx.eps.detach()) or 0 * ctx.x.sum())},
+                                     model=denoiser)
+        out = sample(ClassifierFree(denoiser, scale), SCHEDULE, x_t, [t], final=s, cond=y, noises=[z], guidance=[guidance],
+                     sampler=DDIM(eta=eta, clip=False), progress=False)
+    assert (eps_y - eps_null).abs().max() > 1e-2  # the labels matter
+    torch.testing.assert_close(seen[0], eps_y)
+    eps = eps_null + scale * (eps_y - eps_null) + (1 - ABAR[t]).sqrt() * 0.3 * w
+    x0 = (x_t - (1 - ABAR[t]).sqrt() * eps) / ABAR[t].sqrt()
+    sigma = eta * ((1 - ABAR[s]) / (1 - ABAR[t]) * (1 - ABAR[t] / ABAR[s])).sqrt()
+    expected = ABAR[s].sqrt() * x0 + (1 - ABAR[s] - sigma ** 2).sqrt() * eps + sigma * z
+    torch.testing.assert_close(out, expected)
+    assert classifier_free(denoiser, 1.0) is denoiser and classifier_free(denoiser, scale).scale == scale
+
+
+def test_auto_start_is_edit_friendly_under_stochastic_ddim():
+    """method.start=auto: the edit-friendly inversion where the sampler is DDIM with η > 0, else the DDIM inversion."""
+    weights, networks = {"perceptual": 0.0, "identity": 0.0}, {"perceptual": None, "identity": None}
+    for sampler, start in ((DDIM(eta=1.0), "edit_friendly"), (DDIM(eta=[0.0, 0.5]), "edit_friendly"),
+                           (DDIM(eta=0.0), "ddim_inversion"), (DDPM(), "ddim_inversion")):
+        assert check_edit(sampler, "auto", "origin", "fixed_large", weights, networks)[1] == start
+    assert check_edit(DDIM(eta=1.0), "sdedit", "origin", "fixed_large", weights, networks)[1] == "sdedit"
+
+
+def test_noise_aware_training_times_weight_low_t():
+    """t_power 1 is today's uniform randint draw; p > 1 gives P(t < s) = (s/T)^(1/p); p ≤ 0 is refused."""
+    uniform = training_times(64, 1000, 1.0, "cpu", torch.Generator().manual_seed(3))
+    assert torch.equal(uniform, torch.randint(0, 1000, (64,), generator=torch.Generator().manual_seed(3)))
+    t = training_times(200_000, 1000, 3.0, "cpu", torch.Generator().manual_seed(0))
+    assert t.min() >= 0 and t.max() <= 999 and t.dtype == torch.long
+    for s in (10, 100, 500):
+        assert abs(float((t < s).float().mean()) - (s / 1000) ** (1 / 3)) < 0.005
+    with pytest.raises(InputError, match="model.t_power=0"):
+        AttributeClassifier(ATTRS, noise_aware=True, scheduler={"num_train_timesteps": 1000}, t_power=0)
+
+
 def test_step_noise_is_a_pure_function_of_key_and_step():
     a, b = StepNoise((2, 3, 4, 4), 5, (0, 7), "cpu"), StepNoise((2, 3, 4, 4), 5, (0, 7), "cpu")
     torch.testing.assert_close(a[3], b[3])
@@ -376,6 +435,22 @@ def test_starts_samplers_cycles_and_feature_terms(tiny, tmp_path, overrides):
     assert expected <= set(rows[0])
 
 
+def test_cfg_scale_one_is_the_plain_run_and_other_scales_guide(tiny, tmp_path):
+    """method.cfg_scale=1 gives the images of the default run; 3 changes the edits at the same number of network calls
+    (the null rows share the loop's)."""
+    runs = {}
+    for name, extra in (("default", []), ("one", ["method.cfg_scale=1"]), ("three", ["method.cfg_scale=3"])):
+        metrics = run_sample(compose("sample", ["method=cyclediff", *common(tiny), "attribute=[Smiling]",
+                                                "num_samples=2", "batch_size=2", *extra], tmp_path / name))
+        images = {p.name: p.read_bytes() for p in sorted((tmp_path / name / "edits").iterdir())}
+        runs[name] = (metrics, images)
+    assert runs["one"][1] == runs["default"][1] and len(runs["default"][1]) == 2
+    assert all(runs["three"][1][k] != v for k, v in runs["default"][1].items())
+    assert [runs[k][0]["cfg_scale"] for k in runs] == [1.0, 1, 3]
+    assert runs["three"][0]["edits"]["Smiling"]["network_calls"] == runs["default"][0]["edits"]["Smiling"][
+        "network_calls"]
+
+
 def test_image_inputs_with_labels_or_predicted(tiny, tmp_path):
     faces = tmp_path / "faces"
     for i in range(2):
@@ -439,6 +514,9 @@ def bad_inputs(tiny, tmp_path):
         ([f"method.eval_classifier={tiny['guide']}"], "also a guidance classifier"),
         (["method.weights.identity=5"], "needs method.networks.identity"),
         (["method.cycle=both"], "method.cycle=both: use one of origin, step, step_reference, none"),
+        (["method.start=edit_friendly", "sampler.eta=0"], "with η > 0"),
+        (["method.cfg_scale=-1"], r"method.cfg_scale=-1: give a number ≥ 0"),
+        (["method.cfg_scale=2", "guidance=[hedit]"], r"guidance=\[hedit\]: method=cyclediff with method.cfg_scale"),
     ]
 
 
@@ -484,3 +562,23 @@ def test_evaluate_tiny(tiny, tmp_path):
     for heading in ("## Per attribute", "## Cycle loss", "## Start point", "## DDPM-1000 vs DDIM", "## Targets"):
         assert heading in text
     assert script.main(argv) == results  # finished runs are read back, not rerun
+
+
+def test_cfg_study_tiny(tiny, tmp_path):
+    spec = importlib.util.spec_from_file_location("cyclediff_cfg", EXPERIMENTS / "cyclediff" / "cfg.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    argv = ["--model", tiny["model"], "--classifier", tiny["guide"], "--eval-classifier", tiny["eval"], "--faces", "2",
+            "--steps", "2", "--scales", "1", "2", "--attributes", "Smiling", "Male", "--timing-faces", "1",
+            "--timing-attribute", "Smiling", "--device", "cpu", "--runs", str(tmp_path / "runs"), "--out", str(tmp_path)]
+    (tmp_path / "results.md").write_text("# earlier\n")
+    results = script.main(argv)
+    assert json.loads((tmp_path / "cfg.json").read_text()) == json.loads(json.dumps(results))
+    assert set(results["starts"]) == {"ddim_inversion", "edit_friendly"} and set(results["cfg"]) == {"1", "2"}
+    assert results["cfg"]["1"] == results["starts"][results["best_start"]]  # w = 1 is the start's own cell
+    two = json.loads((tmp_path / "runs" / f"cfg_{results['best_start']}_2" / "metrics.json").read_text())
+    assert two["cfg_scale"] == 2 and set(results["cfg"]["2"]["per_attribute"]) == {"Smiling", "Male"}
+    text = (tmp_path / "results.md").read_text()
+    assert text.startswith("# earlier\n") and text.count(script.SECTION) == 1 and "| w = 2 |" in text
+    assert list(results["timing"]["runs"]) == ["ddim_inversion", "edit_friendly", f"{results['best_start']} w = 2"]
+    assert script.main(argv) == results and (tmp_path / "results.md").read_text() == text  # read back, replaced

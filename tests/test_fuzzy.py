@@ -2,7 +2,9 @@
 and bad inputs, on a tiny 16 px UNet with a handful of steps."""
 
 import json
+import math
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -16,13 +18,20 @@ from facelab.data.synthetic import SyntheticFaces
 from facelab.diffusion import DDPM, Guidance, Schedule, sample
 from facelab.diffusion.projection import RunningMoments, load_stats, project, read_stats, save_stats
 from facelab.fuzzy_stats import compute_stats
-from facelab.guidance.fuzzy import FuzzyBlend, fuzzy_blend, log_retention, per_time_weight, reduce_mask
+from facelab.guidance.fuzzy import (
+    FuzzyBlend,
+    fuzzy_blend,
+    gaussian_blur,
+    log_retention,
+    per_time_weight,
+    reduce_mask,
+)
 from facelab.io.errors import InputError
 from facelab.metrics.anomaly import auroc_ap, self_degrade
 from facelab.models.pretrained import load_denoiser, model_fingerprint
 from facelab.sample import run_sample
 
-# Projection depths and stride small enough for seconds on a CPU: grids 19, 9 and 39, 29, 19, 9.
+# Projection depths small enough for seconds on a CPU (one network call each with the default x̂0 projection).
 DEPTHS = "zscore_set=[20,40]"
 FAST = ["sampler.steps=3", "progress=false", "batch_size=4"]
 
@@ -125,6 +134,103 @@ def test_luminance_mask_reduce():
     torch.testing.assert_close(reduce_mask(m, "luminance"), torch.full((2, 1, 4, 4), 0.299 * 0.2 + 0.587 * 0.4 + 0.114 * 0.6))
 
 
+def _opts(**changes):
+    """method=fuzzy's zscore options as keep_map reads them."""
+    base = dict(mode="zscore", mask_s=0.07, mask_reduce="per_channel", ood_lambda=0.3, ood_expon=2.0, lower_bound=1.0,
+                upper_bound=6.0, sigma_floor=1e-6, projection_offset=True, projection_step=50, zscore_draws=1,
+                anomaly_blur=0.0)
+    return SimpleNamespace(**{**base, **changes})
+
+
+def _phi(x):
+    return math.exp(-x * x / 2) / math.sqrt(2 * math.pi)
+
+
+def _cdf(x):
+    return 0.5 * (1 + math.erf(x / math.sqrt(2)))
+
+
+def test_gaussian_blur_is_the_normalised_separable_kernel():
+    impulse = torch.zeros(1, 1, 15, 15, dtype=torch.float64)
+    impulse[..., 7, 7] = 1
+    sigma = 1.3  # radius round(3.9) = 4
+    taps = np.exp(-np.arange(-4, 5) ** 2 / (2 * sigma ** 2))
+    kernel = np.outer(taps, taps) / taps.sum() ** 2
+    out = gaussian_blur(impulse, sigma)[0, 0].numpy()
+    np.testing.assert_allclose(out[3:12, 3:12], kernel, atol=1e-12)
+    assert out.sum() == pytest.approx(1) and np.abs(out).max() == pytest.approx(kernel.max())
+    ramp = torch.linspace(0, 1, 12).expand(2, 3, 12, 12)  # replicated edges: constants stay, interior ramps stay
+    torch.testing.assert_close(gaussian_blur(torch.full((2, 3, 5, 5), 0.7), 2.0), torch.full((2, 3, 5, 5), 0.7))
+    torch.testing.assert_close(gaussian_blur(ramp, 1.0)[..., 4:8], ramp[..., 4:8])
+    assert gaussian_blur(ramp, 0) is ramp
+
+
+def _known_errors(fields):
+    """A project_errors stand-in returning errors = μ + σ·z with z = fields(rows) [rows, D, C, H, W]."""
+    mean, std = torch.full((2, 3, 4, 4), 100.0, dtype=torch.float64), torch.full((2, 3, 4, 4), 20.0, dtype=torch.float64)
+
+    def fake(denoiser, y, depths, gen, offset, step):
+        z = fields(len(y), gen)
+        return y[:, None].expand(-1, len(depths), -1, -1, -1), (mean + std * z).float()
+    return fake, (mean, std)
+
+
+def test_keep_map_averages_draws_and_depths_by_hand(monkeypatch):
+    """z of image b, draw k, depth d is the constant 1 + b + 2k + 3d (draws are batched draw-major): by hand,
+    ẑ = clamp((z − 1)/5, 0, 1), A = its mean over draws and depths, m = 0.3·(1 − A)²."""
+    import facelab.guidance.fuzzy as fuzzy
+
+    def fields(rows, gen):
+        k, b = torch.arange(rows).div(2, rounding_mode="floor"), torch.arange(rows) % 2
+        z = 1 + b + 2 * k
+        return (z[:, None] + 3 * torch.arange(2)[None]).double()[..., None, None, None].expand(-1, -1, 3, 4, 4)
+
+    fake, stats = _known_errors(fields)
+    monkeypatch.setattr(fuzzy, "project_errors", fake)
+    y = torch.zeros(2, 3, 4, 4)
+    out = fuzzy.keep_map(_opts(zscore_draws=3), None, y, None, stats, [20, 40], torch.Generator())
+    zhat = {b: [[min(max((1 + b + 2 * k + 3 * d - 1) / 5, 0), 1) for d in range(2)] for k in range(3)] for b in (0, 1)}
+    for b in (0, 1):
+        want_zhat = np.mean(zhat[b], axis=0)  # per depth, over draws
+        np.testing.assert_allclose(out["errzscore"][b, :, 0, 0, 0].numpy(), want_zhat, rtol=1e-6)
+        assert out["anomaly"][b].unique().item() == pytest.approx(np.mean(zhat[b]), rel=1e-6)
+        assert out["m"][b].unique().item() == pytest.approx(0.3 * (1 - np.mean(zhat[b])) ** 2, rel=1e-6)
+    assert out["projected"].shape == (2, 2, 3, 4, 4) and out["err"].shape == (2, 2, 3, 4, 4)
+    torch.testing.assert_close(out["err"][:, :, 0, 0, 0].double(), 100 + 20 * torch.tensor([[3.0, 6], [4, 7]], dtype=torch.float64))
+
+
+def test_keep_map_ensemble_of_gaussian_noise_matches_the_closed_form(monkeypatch):
+    """Pure N(0, 1) z-scores, K draws and D depths: ẑ = (clamp(z, L, U) − L)/(U − L) has the closed-form mean
+    (LΦ(L) + φ(L) − φ(U) + U(1 − Φ(U)) − L)/(U − L) and variance, and A averages K·D independent ẑ."""
+    import facelab.guidance.fuzzy as fuzzy
+
+    L, U, K, D = 0.5, 2.0, 8, 2
+    fake, stats = _known_errors(lambda rows, gen: torch.randn(rows, D, 3, 4, 4, generator=gen, dtype=torch.float64))
+    monkeypatch.setattr(fuzzy, "project_errors", fake)
+    y = torch.zeros(4000, 3, 4, 4)
+    opts = _opts(lower_bound=L, upper_bound=U, zscore_draws=K)
+    a = fuzzy.keep_map(opts, None, y, None, stats, [20, 40], torch.Generator().manual_seed(0))["anomaly"].double()
+    clamp_mean = L * _cdf(L) + _phi(L) - _phi(U) + U * (1 - _cdf(U))
+    clamp_sq = L ** 2 * _cdf(L) + (_cdf(U) - U * _phi(U)) - (_cdf(L) - L * _phi(L)) + U ** 2 * (1 - _cdf(U))
+    mean, var = (clamp_mean - L) / (U - L), (clamp_sq - clamp_mean ** 2) / (U - L) ** 2
+    assert a.mean().item() == pytest.approx(mean, abs=5 * math.sqrt(var / a.numel() / K / D))
+    assert a.var().item() == pytest.approx(var / (K * D), rel=0.03)  # 192k samples: a few % of sampling error
+
+
+def test_anomaly_blur_smooths_a_and_draws_multiply_the_projection(tiny_model_dir, stats_file, tmp_path):
+    out = tmp_path / "run"
+    metrics = run_sample(fuzzy_cfg(tiny_model_dir, out, "mode=zscore", "self_degrade=true", DEPTHS,
+                                   f"zscore_path={stats_file}", "method.zscore_draws=2", "method.anomaly_blur=1.5"))
+    assert metrics["projection_calls_per_image"] == 2 * (1 + 1)  # K = 2 draws of depths 20 and 40 (one x̂0 call each)
+    maps = np.load(out / "maps" / "900000.npz")
+    torch.testing.assert_close(torch.from_numpy(maps["A"]),
+                               gaussian_blur(torch.from_numpy(maps["zhat"]).mean(0), 1.5), rtol=1e-5, atol=1e-6)
+    for bad, message in (("method.zscore_draws=0", "zscore_draws=0: must be at least 1"),
+                         ("method.anomaly_blur=-1", "anomaly_blur=-1: must be at least 0")):
+        with pytest.raises(InputError, match=message):
+            run_sample(fuzzy_cfg(tiny_model_dir, tmp_path / bad.split("=")[0], "mode=zscore", bad))
+
+
 def test_auroc_is_exact_with_ties():
     scores = torch.tensor([0.1, 0.4, 0.35, 0.8, 0.4, 0.4, 0.05])
     labels = torch.tensor([0, 0, 1, 1, 1, 0, 1], dtype=torch.bool)
@@ -177,28 +283,28 @@ def test_stats_round_trip_and_metadata_checks(stats_file, tiny_model_dir, tmp_pa
     tiny = model_fingerprint(load_denoiser(str(tiny_model_dir)))
     tensors, meta = read_stats(stats_file)
     assert meta["depths"] == [20, 40] and meta["N"] == 4 and meta["resolution"] == 16
-    assert meta["projection_step"] == 50 and meta["projection_offset"] is True and meta["faces"]["start"] == 0
-    mean, std, _ = load_stats(stats_file.parent, tiny, 16, "tiny", [40], True, 50)
+    assert meta["projection_step"] == 1000 and meta["projection_offset"] is True and meta["faces"]["start"] == 0
+    mean, std, _ = load_stats(stats_file.parent, tiny, 16, "tiny", [40], True, 1000)
     assert mean.shape == std.shape == (1, 3, 16, 16) and mean.dtype == torch.float64
     assert torch.equal(mean[0], tensors["mean"][1]) and torch.all(std > 0)
 
     with pytest.raises(InputError, match="no statistics for depth"):
-        load_stats(stats_file, tiny, 16, "tiny", [30], True, 50)
+        load_stats(stats_file, tiny, 16, "tiny", [30], True, 1000)
     with pytest.raises(InputError, match="projection convention"):
         load_stats(stats_file, tiny, 16, "tiny", [20], True, 1)
     with pytest.raises(InputError, match="zscore_N=1000"):
-        load_stats(stats_file, tiny, 16, "tiny", [20], True, 50, N=1000)
+        load_stats(stats_file, tiny, 16, "tiny", [20], True, 1000, N=1000)
     with pytest.raises(InputError, match="computed for model .* not for model.pretrained=other"):
         load_stats(stats_file, model_fingerprint(load_denoiser(str(other_model(tmp_path / "other", 1)))), 16, "other",
-                   [20], True, 50)
+                   [20], True, 1000)
     moments = RunningMoments()
     moments.update(torch.rand(2, 1, 3, 32, 32))
     wrong_size = save_stats(tmp_path / "s32.safetensors", moments, [20], {**meta, "resolution": 32})
     with pytest.raises(InputError, match="32 px"):
-        load_stats(wrong_size, tiny, 16, "tiny", [20], True, 50)
+        load_stats(wrong_size, tiny, 16, "tiny", [20], True, 1000)
     (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(InputError, match="not a safetensors"):
-        load_stats(tmp_path / "junk.safetensors", tiny, 16, "tiny", [20], True, 50)
+        load_stats(tmp_path / "junk.safetensors", tiny, 16, "tiny", [20], True, 1000)
     before = stats_file.read_bytes()
     with pytest.raises(FileExistsError):
         compute_stats(compose("fuzzy_stats", [f"model.pretrained={tiny_model_dir}", "N=4", f"out={stats_file}"],
@@ -282,7 +388,7 @@ def test_zscore_self_degrade_cli_writes_every_output(tiny_model_dir, stats_file,
     assert 0 <= metrics["auroc"] <= 1 and set(metrics["auroc_depth"]) == {"20", "40"}
     for key in ("psnr_inside_before", "psnr_inside_after", "psnr_outside_before", "psnr_outside_after"):
         assert isinstance(metrics[key], float)
-    assert metrics["network_calls_per_image"] == 3 + 1 + 1  # 3 steps; depths 20 and 40 on the stride-50 grid
+    assert metrics["network_calls_per_image"] == 3 + 1 + 1  # 3 steps; depths 20 and 40, one x̂0 call each
     assert "errzscore/900002_0040.png" in (out / "index.html").read_text() and (out / "grid.png").is_file()
 
 

@@ -7,17 +7,18 @@ attr64_eval (the held-out evaluator, which guidance never sees).
 On --faces held-out synthetic faces (seed 0 from index 900000; the zoo models trained on indices < 20000), each with
 the renderer's counterfactual of the same face with the attribute flipped:
   1. per attribute (--attributes, default the original's editable ones) and reconstruction, the fast default
-     (method=cyclediff: DDIM, --steps, from a DDIM inversion): flip rate of the target and preservation rate of the
+     (method=cyclediff: DDIM(η = 1), --steps, from the edit-friendly inversion): flip rate of the target and preservation rate of the
      other attributes by the evaluator, PSNR/SSIM of the edit to the counterfactual against the input's own (the
      baseline: a good edit is closer to the counterfactual than the input is), PSNR/L1 of the reconstruction;
   2. the cycle loss: none (λ_cyc = 0) vs step-to-origin vs step-by-step, and step-to-origin at 10× the weight;
      same faces and noise;
   3. the start point: original (x_T := the image), sdedit, ddim_inversion, edit_friendly (η = 1);
-  4. time per edit: DDPM on the 1000-step grid (--ddpm-steps) vs the fast default, all else equal, and the
+  4. time per edit: DDPM on the 1000-step grid (--ddpm-steps) vs DDIM (--steps, η = 0), both from the DDIM inversion
+     (the edit-friendly one inverts DDIM steps only), all else the default's, and the
      original's preset (method=cyclediff_reference: DDPM-1000 from the image itself as x_999, its λ), on the first
      --timing-faces faces and --timing-attributes, one batch each, measured side by side: seconds and network calls per edit (and per face
      for the inversion), the speed-up, and each run's flip/preservation/PSNR.
-Targets (issue #7): the fast default edits at least as well as DDPM-1000 at ≥ 10× less time; the cycle loss
+Targets (issue #7): DDIM edits at least as well as DDPM-1000 at ≥ 10× less time; the cycle loss
 measurably improves preservation. Every cell is one ordinary facelab run (run_sample) under --runs (default
 outputs/experiments/cyclediff/<time>); a finished cell with the same overrides is read back, not rerun.
 """
@@ -26,6 +27,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import re
 import time
 from pathlib import Path
 
@@ -125,15 +127,18 @@ def main(argv: list[str] | None = None) -> dict:
               for cycle in CYCLES}
     strong = default["weights"]["cycle"] * 10  # does a cycle term 10× the default's weight buy preservation?
     cycles["origin ×10"] = cells("cycle_origin_x10", [*faces, f"method.weights.cycle={strong:g}"])
-    starts = {start: default if start == "ddim_inversion" else cells(f"start_{start}", [
-        *faces, f"method.start={start}", *(["sampler.eta=1"] if start == "edit_friendly" else []),
+    starts = {start: default if start == default["start"] else cells(f"start_{start}", [
+        *faces, f"method.start={start}", f"sampler.eta={int(start == 'edit_friendly')}",
         *(["check_finite=false"] if start == "original" else [])]) for start in STARTS}  # the image as x_T diverges
-    # timing: one batch of the same faces each, run side by side: the default with DDPM on the 1000-step grid, the
-    # default (DDIM), and the original's preset (DDPM-1000 from the image itself, its λ)
+    # timing: one batch of the same faces each, run side by side: DDPM on the 1000-step grid and DDIM, both from the
+    # DDIM inversion (the edit-friendly one inverts DDIM steps only), and the original's preset (DDPM-1000 from the
+    # image itself, its λ)
     few = [f"num_samples={args.timing_faces}", f"batch_size={args.timing_faces}",
            f"attribute=[{','.join(args.timing_attributes)}]"]
-    ddpm = timing(cells("timing_ddpm", [*few, "sampler=ddpm", f"sampler.steps={args.ddpm_steps}"]))
-    ddim = timing(cells("timing_ddim", [*few, f"sampler.steps={args.steps}"]))
+    ddpm = timing(cells("timing_ddpm", [*few, "method.start=ddim_inversion", "sampler=ddpm",
+                                        f"sampler.steps={args.ddpm_steps}"]))
+    ddim = timing(cells("timing_ddim", [*few, "method.start=ddim_inversion", f"sampler.steps={args.steps}",
+                                        "sampler.eta=0"]))
     reference = timing(cells("timing_reference", [*few, f"sampler.steps={args.ddpm_steps}", "check_finite=false"],
                              method="cyclediff_reference"))
     results = {
@@ -154,11 +159,19 @@ def main(argv: list[str] | None = None) -> dict:
         > results["cycles"]["none"].get("preservation", 0),  # at the default weight
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    figure(root / "start_edit_friendly", args.attributes, args.out / "figures" / "edits.png")
+    figure(root / "default", args.attributes, args.out / "figures" / "edits.png")  # the edit-friendly start
     (args.out / "results.json").write_text(json.dumps(results, indent=2))
-    (args.out / "results.md").write_text(report(results))
+    write_report(args.out / "results.md", report(results))
     print(f"page: {write_page(root, title='facelab study: cyclediff')}")  # every cell side by side
     return results
+
+
+def write_report(path: Path, text: str) -> None:
+    """results.md = this report, then the sections other scripts of this folder keep there (from the first heading
+    "## ... (NAME.py)" on, e.g. cfg.py's)."""
+    old = path.read_text() if path.is_file() else ""
+    other = re.search(r"^## .*\(\w+\.py\)$", old, re.M)
+    path.write_text(text + ("\n" + old[other.start():] if other else ""))
 
 
 def figure(run_dir: Path, attributes: list[str], path: Path, faces: int = 6) -> None:
@@ -205,14 +218,15 @@ def report(results: dict) -> str:
     lines += table(["start", *SCORES, "decoded PSNR", "reconstruction PSNR"],
                    [[name, *(s.get(k) for k in SCORES), s["decoded_psnr"], s["reconstruction_psnr"]]
                     for name, s in results["starts"].items()])
-    lines += ["", "## DDPM-1000 vs DDIM", "", f"{t['faces']} faces in one batch, run side by side. DDPM: the default "
-              "(same start, t0 and λ; mean-form guidance) on the 1000-step grid; the original's preset: DDPM-1000 from "
-              "the image itself as x_999 with its λ. Speed-up: DDPM / DDIM, start (inversion) included.", ""]
+    lines += ["", "## DDPM-1000 vs DDIM", "", f"{t['faces']} faces in one batch, run side by side. DDPM and DDIM "
+              "(η = 0) from the DDIM inversion, the default's t0 and λ (DDPM: mean-form guidance, on the 1000-step grid); "
+              "the original's preset: DDPM-1000 from the image itself as x_999 with its λ. Speed-up: DDPM / DDIM, start "
+              "(inversion) included.", ""]
     lines += table(["run", "steps", "network calls / edit", "s / edit", "inversion s / face", "s / edit (with start)",
                     *SCORES], [[name, r["steps"], r["network_calls"], r["seconds_per_edit"],
                                 r["start_seconds_per_face"], r["seconds_per_edit_with_start"],
                                 *(r.get(k) for k in SCORES)] for name, r in (("DDPM", t["ddpm"]),
-                                                                              ("DDIM (default)", t["ddim"]),
+                                                                              ("DDIM", t["ddim"]),
                                                                               ("original's preset", t["reference"]))])
     lines += ["", f"Speed-up: {t['speedup']:.1f}×.", "", "## Targets", ""]
     lines += [f"- {name}: {'yes' if ok else 'no'}" for name, ok in results["targets"].items()]

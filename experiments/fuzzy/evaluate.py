@@ -50,14 +50,16 @@ def run(name: str, overrides: list[str], root: Path) -> dict:
 def correction(common: list[str], root: Path, quick: bool) -> dict:
     defaults = compose_config("sample", ["method=fuzzy"], root / "unused")
     fast = f"fast default (DDIM η={defaults.sampler.eta:g}, {defaults.sampler.steps} steps, ood_lambda " \
-           f"{defaults.ood_lambda:g})"
+           f"{defaults.method.ood_lambda:g})"
     cells = {fast: []} if quick else {REPAINT: ["sampler=repaint", "ood_lambda=0.1"], fast: []}
     if not quick:
         cells.update({f"fast, {label}": extra for label, extra in ABLATION.items()})
     zscore = [*common, "mode=zscore", "self_degrade=true"]
     names = {label: "zscore_" + ("_".join(extra).replace("=", "").replace(".", "") or "default")
              for label, extra in cells.items()}
-    results = {label: run(names[label], [*zscore, *extra], root) for label, extra in cells.items()}
+    ran = {label: run(names[label], [*zscore, *extra], root) for label, extra in sorted(
+        cells.items(), key=lambda cell: cell[0] == REPAINT)}  # the slow repaint preset last
+    results = {label: ran[label] for label in cells}
     if not quick:
         figure([root / names[REPAINT], root / names[fast]], HERE / "figures" / "correction.png")
     return results

@@ -40,7 +40,7 @@ ZOO = {  # zoo name -> training experiment
 # install = (folder the run exports, its place in the zoo model's folder) or None (the run writes its output itself).
 HSPACE = "outputs/zoo/ddpm64_biased/facelab.sample/hspace"  # the h extraction's shards (its run dir's hspace/)
 EXTRAS = {
-    "ddpm64": [("facelab.fuzzy_stats", ["model.pretrained=ddpm64", "N=128", "batch_size=32", "overwrite=true",
+    "ddpm64": [("facelab.fuzzy_stats", ["model.pretrained=ddpm64", "N=1000", "batch_size=50", "overwrite=true",
                                         "out=facelab/zoo/ddpm64/fuzzy_stats.safetensors"], None)],
     # method=debias's h-classifier: h along 2000 of the biased model's own sampling trajectories (DDIM η = 1, 50 steps:
     # the debias sampler's grid; seed 1000, unseen by the debias evaluation's seeds 0-2, 100 and 10000+), labelled by

@@ -23,6 +23,12 @@ The step-by-step cycle takes the sampler's own step (DPM-Solver++: its first-ord
 `grad_norm` rescales each term's gradient to unit RMS per image before weighting (one backward pass per term).
 Per step: one network call without gradient (the loop's), one with (ε_g), one more for a cycle loss.
 
+Classifier-free guidance (ClassifierFree, method.cfg_scale w; not in the original, whose model has no label dropout):
+ε̃(x, t, y) = ε(x, t, ∅) + w·(ε(x, t, y) − ε(x, t, ∅)) with ∅ the null label 0 that label dropout trains, the null rows
+batched into the same forward. It wraps the denoiser of the sampling loop (and so of the inversion and the decode);
+the terms' own differentiable calls (ε_g, the cycle's) stay the plain conditional model (CycleDiffGuidance's
+`model`): one extra batch of rows per step instead of three. w = 1 is the plain model, unwrapped.
+
 Also method=cyclediff's pieces below the method: the original's attribute table and the edits (parse_edits, flip), the
 classifier checks and clean predictions, the source attributes y_src (source_attributes), the feature networks, the
 edit knobs (check_edit), the sampler / grid / start point of an edit, and edit_guidance (one edit's weighted terms).
@@ -35,7 +41,7 @@ from dataclasses import replace
 import torch
 import torch.nn.functional as F
 from hydra.utils import instantiate
-from torch import Tensor
+from torch import Tensor, nn
 
 from facelab.diffusion import (
     DDIM,
@@ -66,6 +72,7 @@ REFERENCE_ATTRIBUTES = [
 REFERENCE_EDITABLE = [2, 9, 11, 12, 15, 18, 19]
 RECONSTRUCTION = "reconstruction"
 STARTS = ("original", "sdedit", "ddim_inversion", "edit_friendly")
+AUTO = "auto"  # method.start's default: edit_friendly under DDIM with η > 0 (it measured best), else ddim_inversion
 CYCLES = ("origin", "step", "step_reference", "none")
 
 
@@ -185,18 +192,21 @@ class CycleStepByStep:
 
 class CycleDiffGuidance(GradientGuidance):
     """ε ← ε − c_t·g, g = −∇_{x_t} Σ_k w_k·Σ_b L_k (module docstring; the step itself is GradientGuidance's). terms:
-    {name: (weight, loss term)}; zero weights are dropped. `rows` records each step's t and the batch-mean value of
-    every term."""
+    {name: (weight, loss term)}; zero weights are dropped. `model`: the network the terms call (ε_g, the cycle's
+    calls); None = the loop's. `rows` records each step's t and the batch-mean value of every term."""
 
-    def __init__(self, terms: Mapping[str, tuple[float, LossTerm]], grad_norm: bool = False):
+    def __init__(self, terms: Mapping[str, tuple[float, LossTerm]], grad_norm: bool = False,
+                 model: Callable | None = None):
         self.terms = {name: (float(w), fn) for name, (w, fn) in terms.items() if w}
-        self.grad_norm = grad_norm
+        self.grad_norm, self.model = grad_norm, model
         self.rows: list[dict] = []
 
     def active(self, state: State) -> bool:
         return bool(self.terms)
 
     def gradient(self, ctx: Context) -> Tensor:
+        if self.model is not None:
+            ctx = Context(replace(ctx.state, model=self.model), ctx.x)
         x = ctx.x
         losses = {name: fn(ctx) for name, (_, fn) in self.terms.items()}
         if self.grad_norm:
@@ -218,6 +228,31 @@ class RangeGuidance(CycleDiffGuidance):
 
     def __init__(self, weight: float = 3.0):
         super().__init__({"range": (weight, range_loss)})
+
+
+class ClassifierFree(nn.Module):
+    """ε̃(x, t, y) = ε(x, t, ∅) + w·(ε(x, t, y) − ε(x, t, ∅)) of an attribute-conditional Denoiser trained with label
+    dropout (∅: the null label 0), the null rows appended to the same forward. A drop-in for the denoiser (its unet,
+    schedule and attributes; last_variance of the conditional rows)."""
+
+    def __init__(self, denoiser: nn.Module, scale: float):
+        super().__init__()
+        self.denoiser, self.scale = denoiser, float(scale)
+        self.unet, self.schedule, self.attributes = denoiser.unet, denoiser.schedule, denoiser.attributes
+        self.last_variance: Tensor | None = None
+
+    def forward(self, x_t: Tensor, t, cond: Tensor) -> Tensor:
+        n = len(x_t)
+        both = torch.cat([t, t]) if isinstance(t, Tensor) and t.ndim == 1 else t
+        eps, eps_null = self.denoiser(torch.cat([x_t, x_t]), both, torch.cat([cond, torch.zeros_like(cond)])).split(n)
+        variance = self.denoiser.last_variance
+        self.last_variance = None if variance is None else variance[:n]
+        return eps_null + self.scale * (eps - eps_null)
+
+
+def classifier_free(denoiser: nn.Module, scale: float) -> nn.Module:
+    """The denoiser under classifier-free guidance of scale w (ClassifierFree); w = 1: the denoiser itself."""
+    return denoiser if scale == 1 else ClassifierFree(denoiser, scale)
 
 
 SOURCE_TERMS = {  # CycleDiff's terms that compare with the source: (what they read, method=cyclediff's knobs for them)
@@ -335,10 +370,13 @@ def source_attributes(inputs, attributes: Sequence[str], classifier, batch_size:
     return predict_attributes(classifier, inputs.images, attributes, batch_size) * 2 - 1, "predicted"
 
 def check_edit(sampler: Sampler, start: str, cycle: str, variance_type: str, weights: Mapping[str, float],
-               networks: Mapping) -> Sampler:
-    """method=cyclediff's edit knobs (method.start, cycle, variance_type, weights, networks), checked before any work;
-    returns the sampler of the edits (check_sampler)."""
-    for key, value, allowed in (("start", start, STARTS), ("cycle", cycle, CYCLES),
+               networks: Mapping, cfg_scale: float = 1.0) -> tuple[Sampler, str]:
+    """method=cyclediff's edit knobs (method.start, cycle, variance_type, weights, networks, cfg_scale), checked before
+    any work; returns the sampler of the edits (check_sampler) and the start (`auto` resolved)."""
+    if isinstance(cfg_scale, bool) or not isinstance(cfg_scale, (int, float)) or not 0 <= cfg_scale < float("inf"):
+        raise InputError(f"method.cfg_scale={cfg_scale}: give a number ≥ 0 (1 = no classifier-free guidance, 0 = the "
+                         "unconditional model)")
+    for key, value, allowed in (("start", start, (AUTO, *STARTS)), ("cycle", cycle, CYCLES),
                                 ("variance_type", variance_type, ("fixed_large", "fixed_small"))):
         if value not in allowed:
             raise InputError(f"method.{key}={value}: use one of {', '.join(allowed)}")
@@ -346,18 +384,27 @@ def check_edit(sampler: Sampler, start: str, cycle: str, variance_type: str, wei
         if weights[kind] and networks[kind] is None:
             raise InputError(f"method.weights.{kind}={weights[kind]} needs method.networks.{kind}: a classifier "
                              "(zoo name or folder) or {_target_: ...} building a feature network")
-    return check_sampler(sampler, start, variance_type)
+    if start == AUTO:
+        start = "edit_friendly" if stochastic_ddim(sampler) else "ddim_inversion"
+    return check_sampler(sampler, start, variance_type), start
+
+
+def stochastic_ddim(sampler: Sampler) -> bool:
+    """DDIM with η > 0 at some step: what the edit-friendly inversion inverts."""
+    return isinstance(sampler, DDIM) and any([sampler.eta] if isinstance(sampler.eta, (int, float)) else sampler.eta)
+
 
 def check_sampler(sampler: Sampler, start: str, variance_type: str) -> Sampler:
-    """The sampler of the edits: not RePaint; DDPM with Σ_t of `variance_type`; DDIM(η) for the edit-friendly start."""
+    """The sampler of the edits: not RePaint; DDPM with Σ_t of `variance_type`; DDIM(η > 0) for the edit-friendly
+    start."""
     if isinstance(sampler, RePaint):
         raise InputError("sampler=repaint resamples for inpainting: method=cyclediff takes sampler=ddim, ddpm or "
                          "dpmpp_2m")
     if isinstance(sampler, DDPM):
         sampler = replace(sampler, variance_type=variance_type)
-    if start == "edit_friendly" and not isinstance(sampler, DDIM):
-        raise InputError("method.start=edit_friendly inverts the DDIM(η) step: use sampler=ddim (sampler.eta=1 is the "
-                         "DDPM-like step)")
+    if start == "edit_friendly" and not stochastic_ddim(sampler):
+        raise InputError("method.start=edit_friendly inverts the DDIM(η) step with η > 0 (at η = 0 its noises vanish): "
+                         "use sampler=ddim with sampler.eta > 0 (η = 1 is the DDPM-like step)")
     return sampler
 
 
@@ -400,9 +447,10 @@ def start_point(start: str, denoiser, sampler: Sampler, grid: Sequence[int], x_s
 
 def edit_guidance(weights: Mapping[str, float], cycle: str, classifier, networks: Mapping, attributes: Sequence[str],
                   x_src: Tensor, y_src: Tensor, flips: Sequence[str], noises, trajectory, generator,
-                  grad_norm: bool = False) -> tuple[CycleDiffGuidance, Tensor]:
+                  grad_norm: bool = False, model: Callable | None = None) -> tuple[CycleDiffGuidance, Tensor]:
     """(the guidance of one edit of a source batch, y_tgt): the weighted attribute, range, cycle (`cycle`: origin,
-    step, step_reference or none) and feature terms ({kind: network}); inactive terms are not built."""
+    step, step_reference or none) and feature terms ({kind: network}); inactive terms are not built. model: the
+    network the terms call (None: the loop's)."""
     y_tgt, mask = flip(y_src, flips, attributes)
     terms = {"attribute": (weights["attribute"] if mask.any() else 0.0,
                            AttributeLoss(classifier, attributes, y_tgt, mask)),
@@ -414,4 +462,4 @@ def edit_guidance(weights: Mapping[str, float], cycle: str, classifier, networks
                                                              reference=cycle == "step_reference"))
     for kind, network in networks.items():
         terms[kind] = (weights[kind], FeatureLoss(network, x_src, kind))
-    return CycleDiffGuidance(terms, grad_norm), y_tgt
+    return CycleDiffGuidance(terms, grad_norm, model), y_tgt

@@ -19,6 +19,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from facelab.diffusion import Guidance, State, randn_like
@@ -64,20 +65,44 @@ def reduce_mask(m: Tensor, how: str) -> Tensor:
     return (m * m.new_tensor(LUMINANCE)[:, None, None]).sum(1, keepdim=True)
 
 
+def gaussian_blur(x: Tensor, sigma: float) -> Tensor:
+    """x blurred over its last two dimensions by a separable Gaussian of σ = `sigma` px (kernel truncated at
+    round(3σ), normalised to sum 1, edges replicated); σ = 0 returns x."""
+    if not sigma:
+        return x
+    radius = int(3 * sigma + 0.5)
+    taps = torch.arange(-radius, radius + 1, dtype=x.dtype, device=x.device)
+    kernel = torch.exp(-taps ** 2 / (2 * sigma ** 2))
+    kernel = kernel / kernel.sum()
+    flat = F.pad(x.reshape(-1, 1, *x.shape[-2:]), [radius] * 4, mode="replicate")
+    flat = F.conv2d(F.conv2d(flat, kernel.view(1, 1, 1, -1)), kernel.view(1, 1, -1, 1))
+    return flat.reshape(x.shape)
+
+
 def keep_map(opts, denoiser, y: Tensor, keep: Tensor | None, stats, depths: list[int],
              generator: torch.Generator) -> dict[str, Tensor]:
     """method=fuzzy's keep weight m of a batch of inputs y, by its options `opts` (mode, mask_s, mask_reduce; zscore:
-    ood_lambda, ood_expon, lower_bound, upper_bound, sigma_floor, projection_offset, projection_step): from the
-    keep-masks `keep`, or with projection statistics `stats` (μ, σ, ...) at `depths` m = ood_lambda·(1 − A)^ood_expon,
-    returned with the projections ŷ, errors e, ẑ_d and A it comes from (facelab.diffusion.projection,
-    facelab.metrics.anomaly)."""
+    ood_lambda, ood_expon, lower_bound, upper_bound, sigma_floor, projection_offset, projection_step, zscore_draws,
+    anomaly_blur): from the keep-masks `keep`, or with projection statistics `stats` (μ, σ, ...) at `depths`
+    m = ood_lambda·(1 − A)^ood_expon, returned with the projections ŷ, errors e, ẑ_d and A it comes from
+    (facelab.diffusion.projection, facelab.metrics.anomaly). With zscore_draws K > 1 the K projections (each its own
+    ε, in one batch) give e_d, ẑ_d and A as means over the draws (ŷ: the first draw's); anomaly_blur σ > 0 smooths A
+    with a Gaussian of σ px (gaussian_blur)."""
     if stats is None:
         return {"m": reduce_mask(keep_weight(opts.mode, opts.mask_s, y, keep), opts.mask_reduce)}
-    projected, errors = project_errors(denoiser, y, depths, generator, opts.projection_offset, opts.projection_step)
+    draws = opts.zscore_draws
+    projected, errors = project_errors(denoiser, y.repeat(draws, 1, 1, 1), depths, generator, opts.projection_offset,
+                                       opts.projection_step)
     zhat, anomaly = anomaly_map(errors, stats[0].to(y.device), stats[1].to(y.device), opts.lower_bound,
                                 opts.upper_bound, opts.sigma_floor)
+    if draws > 1:
+        projected = projected[:len(y)]
+        errors, zhat = (value.unflatten(0, (draws, len(y))).mean(0) for value in (errors, zhat))
+        anomaly = zhat.mean(1)
+    anomaly = gaussian_blur(anomaly, opts.anomaly_blur)
     m = reduce_mask(opts.ood_lambda * (1 - anomaly) ** opts.ood_expon, opts.mask_reduce)
     return {"projected": projected, "err": errors, "errzscore": zhat, "anomaly": anomaly, "m": m}
+
 
 def fuzzy_blend(x: Tensor, y: Tensor, m: Tensor, alpha_bar: float, noise: Tensor, renormalize: bool = True) -> Tensor:
     """Blend x_t with g_t = √ᾱ·y + √(1−ᾱ)·noise under keep weight m (broadcast to x), re-normalising the spread.

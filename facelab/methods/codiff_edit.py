@@ -6,16 +6,18 @@
 
 mode=invert (the default, training-free; experiments/codiff_edit/results.md): the face is DDIM-inverted (η = 0) by the
 collaborative model under its own conditions (synthetic: label map and caption; else the stage-1 embedding) and
-resampled from that x_T under e = α·e_tgt + (1 − α)·e_src. mode=imagic, per modality with a target (mask / text):
-stage 1 fits e_opt from e_tgt, stage 2 fine-tunes the UNet (full, or a LoRA adapter) on the face
-(facelab.diffusion.tuning; cached once per face, base model, settings and seed in method.cache, facelab.io.tuned),
-stage 3 samples the collaboration with the tuned UNets under α·e_tgt + (1 − α)·e_opt for every α of alpha_list, from
-one start code and per-step noise per face (x_T file, else the `codiff_edit.start` / `.noise` streams keyed by the
-face's content). Targets: mask= / text= (real faces), or method.edit: the synthetic counterfactual renders
+resampled from that x_T under e = α·e_tgt + (1 − α)·e_src; blend=region (auto under invert) then keeps the input's
+pixels outside the edit's region (edit_mask: the label difference and / or where the edit differs from α = 0, or
+DiffEdit's ε difference) and pastes the edit in with a feathered edge (facelab.diffusion.blend). mode=imagic, per
+modality with a target (mask / text): stage 1 fits e_opt from e_tgt, stage 2 fine-tunes the UNet (full, or a LoRA
+adapter) on the face (facelab.diffusion.tuning; cached once per face, base model, settings and seed in method.cache,
+facelab.io.tuned), stage 3 samples the collaboration with the tuned UNets under α·e_tgt + (1 − α)·e_opt for every α of
+alpha_list, from one start code and per-step noise per face (x_T file, else the `codiff_edit.start` / `.noise` streams
+keyed by the face's content). Targets: mask= / text= (real faces), or method.edit: the synthetic counterfactual renders
 (facelab.sources.synthetic_edit). alpha=auto picks the smallest α the guidance classifier (never the evaluator) reads
 as the target (else the highest least P; nothing to check: nearest 1). Writes inputs/, edits/<face>/<edit>_alpha=<α>
-.png, edits/<face>_<edit>.png (the chosen α), counterfactuals/, embeddings/, α strips, grid.png and per edit the
-held-out scores (facelab.evaluators.target_edit_scores), time and network calls.
+.png, edits/<face>_<edit>.png (the chosen α), regions/ (blend=region), counterfactuals/, embeddings/, α strips,
+grid.png and per edit the held-out scores (facelab.evaluators.target_edit_scores), time and network calls.
 """
 from __future__ import annotations
 
@@ -29,7 +31,7 @@ from omegaconf import DictConfig
 from safetensors.torch import save_file
 from torch import Tensor
 
-from facelab.diffusion import DDIM, ddim_invert, tuning
+from facelab.diffusion import DDIM, blend, ddim_invert, tuning
 from facelab.diffusion.collab import CollaborativeDenoiser, Reweight
 from facelab.evaluators import (
     AttributeEvaluator,
@@ -53,6 +55,8 @@ from facelab.utils import typed_options
 
 log = logging.getLogger("facelab")
 MODES, ALPHA_RANGE = ("imagic", "invert"), (-1.0, 3.0)  # the original's α lists span −1 … 2.5
+BLENDS, AUTO_REGIONS = ("auto", "none", "region"), ("noise", "decoded", None)
+REGION = {"labels": True, "auto": "decoded", "dilate": 2, "feather": 2, "threshold": 0.5, "draws": 4, "t": 500}
 
 
 @dataclass(frozen=True)
@@ -80,6 +84,8 @@ class Options:
     classifier: str | None
     eval_classifier: str | None
     parser: str | None
+    blend: str = "auto"
+    region: dict = field(default_factory=dict)
     collab: dict = field(default_factory=dict)
 
     def alphas(self) -> list[float]:
@@ -118,9 +124,11 @@ class Options:
 
     def check(self, cfg: DictConfig) -> list[float]:
         """Every knob checked before any model loads; returns the α list."""
-        for key, allowed in (("mode", MODES), ("stage2", tuning.STAGE2)):
+        for key, allowed in (("mode", MODES), ("stage2", tuning.STAGE2), ("blend", BLENDS)):
             if getattr(self, key) not in allowed:
                 raise InputError(f"method.{key}={getattr(self, key)}: use one of {', '.join(allowed)}")
+        if self.blending() == "region":
+            self.check_region()
         numbers = {"stage1_num_iter": (self.stage1_num_iter, int, 0), "stage2_num_iter": (self.stage2_num_iter, int, 0),
                    "stage1_lr": (self.stage1_lr, float, 0), "stage2_lr": (self.stage2_lr, float, 0),
                    "lora.lr": (self.lora["lr"], float, 0), "lora.rank": (self.lora["rank"], int, 1)}
@@ -143,6 +151,24 @@ class Options:
         if cfg.get("guidance"):
             raise InputError(f"guidance=[{', '.join(cfg.guidance)}]: method=codiff_edit takes no guidance terms")
         return self.alphas()
+
+    def blending(self) -> str:
+        """blend=auto: region for mode=invert (experiments/codiff_edit/results.md), none for the original (imagic)."""
+        return self.blend if self.blend != "auto" else "region" if self.mode == "invert" else "none"
+
+    def check_region(self) -> None:
+        region = {**REGION, **self.region}
+        if region["auto"] not in AUTO_REGIONS:
+            raise InputError(f"method.region.auto={region['auto']}: use one of noise, decoded, null")
+        for key, low in (("dilate", 0), ("feather", 0), ("draws", 1), ("t", 0)):
+            if isinstance(region[key], bool) or not isinstance(region[key], int) or region[key] < low:
+                raise InputError(f"method.region.{key}={region[key]!r}: give a whole number ≥ {low}")
+        if not isinstance(region["threshold"], (int, float)) or not 0 <= region["threshold"] < 1:
+            raise InputError(f"method.region.threshold={region['threshold']!r}: a fraction of the map's maximum in "
+                             "[0, 1)")
+        if region["auto"] == "decoded" and 0.0 not in self.alphas():
+            raise InputError("method.region.auto=decoded compares each edit with the α = 0 one: put 0 in "
+                             "method.alpha_list")
 
     def edit_names(self) -> list[str]:
         names = [self.edit] if isinstance(self.edit, str) else list(self.edit or [])
@@ -238,6 +264,8 @@ def run(cfg: DictConfig, runner: Runner) -> dict:
     reweight = collab.reweight if diffusers is not None else Reweight("average")
     counters = [runner.count_calls(by_name[m].unet) for m in used] + [runner.count_calls(d) for d in diffusers or []]
     schedule, shape = collab.models[0].schedule, collab.models[0].latent_shape
+    if opts.blending() == "region" and not 0 <= opts.region.get("t", REGION["t"]) < schedule.num_train_timesteps:
+        raise InputError(f"method.region.t={opts.region['t']}: a timestep in [0, {schedule.num_train_timesteps - 1}]")
     grid = ldm_timesteps(schedule, sampler.steps)
     step = dataclasses.replace(sampler, eta=0.0) if opts.mode == "invert" else sampler
     starts = read_latents(opts.x_T, len(inputs), shape) if opts.x_T is not None else None
@@ -245,6 +273,10 @@ def run(cfg: DictConfig, runner: Runner) -> dict:
 
     def calls() -> int:
         return sum(c.count for c in counters)
+
+    def choose(wanted: dict) -> tuple[int, str]:
+        return choose_alpha(alphas, wanted) if opts.alpha == "auto" else \
+            (alphas.index(float(opts.alpha)), "method.alpha")
 
     results, strips, log_ = {}, [], {"seconds": 0.0, "calls": 0, "faces": 0, "from_cache": 0, "made": []}
     for i, _ in runner.batches(len(inputs), 1, desc="faces"):
@@ -285,17 +317,30 @@ def run(cfg: DictConfig, runner: Runner) -> dict:
                                   cond=[tuning.interpolate(weights, *pairs[m]) for m in used], noises=noises)
                 with torch.no_grad():
                     images = mixed.decode(z).cpu()
+            mask = None
+            if opts.blending() == "region":  # keep the input outside the edit's region
+                mask = edit_mask({**REGION, **opts.region}, mixed, z0, image, own_conditions(inputs, i).get("mask"),
+                                 edit.targets.get("mask"), [pairs[m] for m in used], images, alphas,
+                                 runner.keyed_generator("codiff_edit.region", key)).expand(len(alphas), -1, -1, -1)
+                images, raw = blend.paste(images, image[None], mask), images
             seconds, network_calls = runner.clock() - before + start_seconds, calls() - before_calls + start_calls
             changed = edit.changed if edit.expected is not None else \
                 changed_by_caption(classifier, image, edit.targets.get("text"))  # synthetic: the renderer's changes
             wanted = wanted_probabilities(classifier, images, changed)
-            chosen, reason = choose_alpha(alphas, wanted) if opts.alpha == "auto" else \
-                (alphas.index(float(opts.alpha)), "method.alpha")
+            chosen, reason = choose(wanted)
             write_edit(runner, name, edit, alphas, images, chosen, reason, wanted, image, pairs)
+            if mask is not None:
+                runner.save_images(mask[chosen, None].expand(-1, 3, -1, -1) * 2 - 1, "regions",
+                                   names=[f"{name}_{edit.name}"])
             strips.append((image, edit.truth, images[chosen]))
             results.setdefault(edit.name, []).append({
                 "face": name, "alpha": alphas[chosen], "reason": reason, "image": images[chosen], "all": images,
-                "input": image, "edit": edit, "seconds": seconds, "calls": network_calls, "changed": changed})
+                "input": image, "edit": edit, "seconds": seconds, "calls": network_calls, "changed": changed,
+                "area": None if mask is None else float((mask[chosen] > 0).float().mean())})
+            if mask is not None:  # blend=none's images (bit for bit), scored alongside
+                c, why = choose(wanted_probabilities(classifier, raw, changed))
+                results[edit.name][-1]["unblended"] = {"alpha": alphas[c], "reason": why, "image": raw[c], "all": raw,
+                                                       "area": None}
     if not results:
         raise InputError("no face can take these edits (e.g. a beard on women only, or every face already has that "
                          "hair colour); choose other faces or edits")
@@ -308,7 +353,9 @@ def run(cfg: DictConfig, runner: Runner) -> dict:
              "seconds_per_face": log_["seconds"] / faces_tuned, "network_calls_per_face": log_["calls"] / faces_tuned}
     metrics = {"mode": opts.mode, "stage2": opts.stage2 if opts.mode == "imagic" else None, "modalities": used,
                "model": str(cfg.model.pretrained), "faces": len(inputs), "alpha_list": alphas, "alpha": opts.alpha,
-               "settings": cache.settings, "steps": len(grid), "eta": step.eta, "first_t": grid[0],
+               "settings": cache.settings, "steps": len(grid), "blend": opts.blending(),
+               "region": {**REGION, **opts.region} if opts.blending() == "region" else None,
+               "eta": step.eta, "first_t": grid[0],
                "cache_files_written": log_["made"],
                "start_code": "x_T file " + str(opts.x_T) if opts.x_T else "codiff_edit.start stream, keyed by face",
                "reweight": reweight.options(), "warnings": warnings, "cache": opts.cache, "tuning": tuned,
@@ -317,7 +364,32 @@ def run(cfg: DictConfig, runner: Runner) -> dict:
     similarity = SimilarityEvaluator()
     metrics["edits"] = {edit: edit_entry(records, alphas, tuned, similarity, evaluator, parser)
                         for edit, records in results.items()}
+    if opts.blending() == "region":  # what the paste adds: the same edits unblended (blend=none), α chosen on them
+        for edit, records in results.items():
+            metrics["edits"][edit]["unblended"] = edit_entry([{**r, **r["unblended"]} for r in records], alphas,
+                                                             tuned, similarity, evaluator, parser)
     return metrics
+
+
+def edit_mask(region: dict, mixed, z0: Tensor, image: Tensor, own_labels: Tensor | None, target_labels: Tensor | None,
+              pairs: list, images: Tensor, alphas: list[float], generator: torch.Generator) -> Tensor:
+    """The feathered paste mask [1 or len(alphas), 1, H, W] of one edit (facelab.diffusion.blend): the target label
+    map's difference from the face's own (where both are known and region.labels), together with region.auto's:
+    noise (DiffEdit: ε under the targets vs the source conditions) or decoded (each α's image vs α = 0's). Never
+    the evaluators nor the counterfactual."""
+    size, found = tuple(image.shape[-2:]), torch.zeros(1, 1, *image.shape[-2:])
+    if region["labels"] and own_labels is not None and target_labels is not None:
+        found = blend.label_region(blend.resize_labels(own_labels, size), blend.resize_labels(target_labels, size),
+                                   region["dilate"])
+    if region["auto"] == "noise":
+        difference = blend.noise_region(mixed, mixed.schedule, z0, [p[0] for p in pairs], [p[1] for p in pairs],
+                                        region["t"], region["draws"], generator).cpu()
+    elif region["auto"] == "decoded":
+        difference = blend.decoded_region(images, images[alphas.index(0.0)][None])
+    if region["auto"] is not None:
+        auto = blend.dilate(blend.binary(difference, size, region["threshold"]), region["dilate"])
+        found = torch.maximum(found, auto)
+    return blend.feather(found, region["feather"])
 
 
 def write_edit(runner: Runner, face: str, edit, alphas: list[float], images: Tensor, chosen: int, reason: str,
@@ -348,6 +420,7 @@ def edit_entry(records: list[dict], alphas: list[float], tuned: dict, similarity
              "alpha_reached": sum(r["reason"] == "reached" for r in records) / n,
              "sampling_seconds_per_edit": sampling, "sampling_network_calls_per_edit": sampling_calls,
              "seconds_per_edit": sampling + tuned["seconds_per_face"],
+             "region_area": None if records[0]["area"] is None else sum(r["area"] for r in records) / n,
              "network_calls_per_edit": sampling_calls + tuned["network_calls_per_face"]}
     known = all(t is not None for t in truths)
     return {**entry, **target_edit_scores(

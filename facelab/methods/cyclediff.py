@@ -1,6 +1,7 @@
 """`method=cyclediff`: CycleDiff attribute editing with an attribute-conditional DDPM (facelab.guidance.cyclediff).
 
-    python -m facelab.sample method=cyclediff attribute=Smiling                 # DDIM-50 from a DDIM inversion
+    python -m facelab.sample method=cyclediff attribute=Smiling                 # DDIM-50 (η = 1), edit-friendly start
+    python -m facelab.sample method=cyclediff attribute=Smiling method.cfg_scale=3  # classifier-free guidance
     python -m facelab.sample method=cyclediff 'attribute=[Smiling,Male,reconstruction]'
     python -m facelab.sample method=cyclediff attribute=Smiling+Eyeglasses     # both flipped in one edit
     python -m facelab.sample method=cyclediff_reference attribute=15            # the original: DDPM-1000, x_T := x_src
@@ -11,8 +12,10 @@ method.input=images, the images of gt_path (labels from method.labels). Each fac
 the inputs' labels (or a method.labels 0/1 list) or are predicted by the guidance classifier; an edit flips the chosen
 entries into y_tgt, samples under y_tgt from the start point (`method.start`: the image itself as x_T, SDEdit noising
 to t0, DDIM or edit-friendly inversion under y_src) and guides every step with the weighted attribute, cycle, range
-and optional feature terms. The start is also decoded under y_src without guidance ("decoded": what the start
-reproduces; with an inversion, the source's own trajectory the step-by-step cycle loss matches).
+and optional feature terms. method.cfg_scale ≠ 1 samples (inversion, decode, edits) under classifier-free guidance
+(ClassifierFree); the guidance terms' own network calls stay the plain conditional model. The start is also decoded
+under y_src without guidance ("decoded": what the start reproduces; with an inversion, the source's own trajectory
+the step-by-step cycle loss matches).
 
 Writes inputs/, decoded/, edits/{face}_{edit}.png, counterfactuals/ (synthetic: the renderer's ground truth of the same
 face with the attributes flipped), previews/ (per-step x̂0, method.previews > 0), grid.png (rows = faces; columns =
@@ -24,7 +27,7 @@ preservation rate of the others (against the counterfactual's ground truth, else
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from omegaconf import DictConfig
@@ -32,10 +35,12 @@ from torch import Tensor
 
 from facelab.diffusion import DDIM, Sampler
 from facelab.evaluators import AttributeEvaluator, SimilarityEvaluator, guidance_networks, score_edit
+from facelab.guidance.base import refuse_guidance
 from facelab.guidance.cyclediff import (
     StepNoise,
     check_classifier,
     check_edit,
+    classifier_free,
     edit_guidance,
     edit_timesteps,
     feature_networks,
@@ -76,11 +81,13 @@ class Options:
     source_attributes: str
     labels: object
     previews: int
+    cfg_scale: float
 
 
 def run(cfg: DictConfig, runner: Runner) -> dict:
     opts = typed_options(Options, cfg.method)
-    sampler = check_options(cfg, opts, runner.sampler())
+    sampler, start = check_options(cfg, opts, runner.sampler())
+    opts = replace(opts, start=start)  # `auto` resolved
     source, knobs = input_source(cfg, opts)
     with named_as(knobs):
         source.check()
@@ -89,6 +96,7 @@ def run(cfg: DictConfig, runner: Runner) -> dict:
         raise InputError(f"model.pretrained={cfg.model.pretrained} is not attribute-conditional; train one with "
                          "python -m facelab.train +experiment=cyclediff_ddpm")
     attributes, size = denoiser.attributes, denoiser.unet.config.sample_size
+    model = classifier_free(denoiser, opts.cfg_scale)  # the sampling loop's; the terms call the plain denoiser
     edits = parse_edits(opts.attribute, attributes)
     classifier = check_classifier(load_classifier(opts.classifier, runner.device), "method.classifier", attributes,
                                   denoiser)
@@ -115,21 +123,21 @@ def run(cfg: DictConfig, runner: Runner) -> dict:
         noises = StepNoise(x_src.shape, len(grid), (runner.seed, first, stream_number("cyclediff.noise")),
                            runner.device)
         with runner.timed("start"):
-            x_T, noises = start_point(opts.start, denoiser, sampler, grid, x_src, y_src, noises,
+            x_T, noises = start_point(opts.start, model, sampler, grid, x_src, y_src, noises,
                                       runner.keyed_generator("cyclediff.start", first), runner.progress)
         trajectory = [] if opts.cycle == "step" and opts.start in ("ddim_inversion", "edit_friendly") else None
         record = None if trajectory is None else lambda state, path=trajectory: path.append(state.x)
-        decoded.append(runner.sample(denoiser, x_T, sampler, timesteps=grid, cond=y_src, noises=noises,
+        decoded.append(runner.sample(model, x_T, sampler, timesteps=grid, cond=y_src, noises=noises,
                                      callback=record).cpu())
         runner.save_images(inputs.images[first:first + n], "inputs", names=names)
         runner.save_images(decoded[-1], "decoded", names=names)
         for name, flips in edits.items():
             guidance, y_tgt = edit_guidance(opts.weights, opts.cycle, classifier, networks, attributes, x_src, y_src,
                                             flips, noises, trajectory, runner.keyed_generator("cyclediff.term", first),
-                                            opts.grad_norm)
+                                            opts.grad_norm, None if model is denoiser else denoiser)
             preview, before = Previews(opts.previews, len(grid)), calls.count
             with runner.timed(f"edit {name}"):
-                edited[name].append(runner.sample(denoiser, x_T, sampler, [guidance, *others], timesteps=grid,
+                edited[name].append(runner.sample(model, x_T, sampler, [guidance, *others], timesteps=grid,
                                                   cond=y_tgt, noises=noises, callback=preview).cpu())
             network_calls[name] = calls.count - before
             losses += [{"edit": name, "first_face": first, "step": i, **row} for i, row in enumerate(guidance.rows)]
@@ -152,7 +160,7 @@ def run(cfg: DictConfig, runner: Runner) -> dict:
     metrics = {"model": str(cfg.model.pretrained), "attributes": attributes, "faces": len(inputs),
                "source_attributes": labelled, "sampler": sampler.name, "steps": len(grid),
                "first_t": grid[0], "eta": sampler.eta if isinstance(sampler, DDIM) else None,
-               "start": opts.start, "cycle": opts.cycle, "weights": opts.weights,
+               "start": opts.start, "cycle": opts.cycle, "weights": opts.weights, "cfg_scale": opts.cfg_scale,
                "grad_norm": opts.grad_norm, "classifier": str(opts.classifier),
                "classifier_input": "noise_aware" if classifier.noise_aware else "clean_blend",
                "eval_classifier": opts.eval_classifier and str(opts.eval_classifier),
@@ -167,14 +175,18 @@ def run(cfg: DictConfig, runner: Runner) -> dict:
 
 
 # --- options and inputs ----------------------------------------------------------------------------------------------
-def check_options(cfg: DictConfig, opts: Options, sampler: Sampler) -> Sampler:
-    """Validate the knobs before any work; return the sampler of the edits."""
+def check_options(cfg: DictConfig, opts: Options, sampler: Sampler) -> tuple[Sampler, str]:
+    """Validate the knobs before any work; return the sampler of the edits and the start (check_edit)."""
     for key, allowed in {"input": ("synthetic", "images"), "source_attributes": ("labels", "predicted")}.items():
         if getattr(opts, key) not in allowed:
             raise InputError(f"method.{key}={getattr(opts, key)}: use one of {', '.join(allowed)}")
     if cfg.num_samples < 1 or cfg.batch_size < 1:
         raise InputError(f"num_samples={cfg.num_samples}, batch_size={cfg.batch_size}: both must be at least 1")
-    return check_edit(sampler, opts.start, opts.cycle, opts.variance_type, opts.weights, opts.networks)
+    if opts.cfg_scale != 1:
+        refuse_guidance(cfg, "method=cyclediff with method.cfg_scale ≠ 1", {
+            "h_space": "the UNet's call then also holds the null-label rows, which its h edit would change too; use "
+                       "method.cfg_scale=1"})
+    return check_edit(sampler, opts.start, opts.cycle, opts.variance_type, opts.weights, opts.networks, opts.cfg_scale)
 
 
 def input_source(cfg: DictConfig, opts: Options) -> tuple[Source, dict]:

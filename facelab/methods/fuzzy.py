@@ -64,6 +64,8 @@ class Options:
     mask_reduce: str
     projection_offset: bool
     projection_step: int
+    zscore_draws: int
+    anomaly_blur: float
     sigma_floor: float
     zscore_N: int | None
     faces: dict
@@ -84,6 +86,8 @@ class Options:
                 (self.mask_reduce not in MASK_REDUCES,
                  f"method.mask_reduce={self.mask_reduce!r}: use one of {', '.join(MASK_REDUCES)}"),
                 (self.projection_step < 1, f"method.projection_step={self.projection_step}: must be at least 1"),
+                (self.zscore_draws < 1, f"method.zscore_draws={self.zscore_draws}: must be at least 1"),
+                (self.anomaly_blur < 0, f"method.anomaly_blur={self.anomaly_blur}: must be at least 0 (px)"),
                 (self.mask_path is not None and self.gt_path is None,
                  "mask_path is set but gt_path is not: give the images the masks belong to"),
                 (self.needs_masks and self.gt_path is not None and self.mask_path is None,

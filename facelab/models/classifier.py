@@ -71,8 +71,9 @@ class AttributeClassifier(FacelabModule):
     """Trains an AttributeNet on batches with `image`, `attributes` (columns named by the data's attribute_names)
     and one integer column per categorical head (e.g. `skin_tone`).
 
-    noise_aware: images are noised to a uniform random t with `scheduler` (a diffusers scheduler config) and the
-    net reads (x_t, t), so its gradients are meaningful along a sampling trajectory.
+    noise_aware: images are noised to a random t with `scheduler` (a diffusers scheduler config) and the
+    net reads (x_t, t), so its gradients are meaningful along a sampling trajectory; `t_power` weights the times
+    (training_times).
     Optimiser (facelab.models.base): default AdamW(lr, weight_decay) with a one-cycle LR schedule peaking at lr.
     """
 
@@ -81,9 +82,11 @@ class AttributeClassifier(FacelabModule):
     def __init__(self, attributes: list[str], categorical: dict[str, int] | None = None,
                  channels: tuple[int, ...] = (32, 64, 128, 128), image_size: int = 64, noise_aware: bool = False,
                  scheduler: dict | None = None, lr: float = 1e-3, weight_decay: float = 1e-4, seed: int = 0,
-                 data_identity: dict | None = None, optimizer=None, lr_scheduler=DEFAULT):
+                 data_identity: dict | None = None, optimizer=None, lr_scheduler=DEFAULT, t_power: float = 1.0):
         super().__init__(optimizer, lr_scheduler)
         self.save_hyperparameters(ignore=NOT_HYPERPARAMETERS)
+        if not t_power > 0:
+            raise InputError(f"model.t_power={t_power}: must be > 0 (1 = uniform, > 1 weights low t)")
         if noise_aware and scheduler is None:
             raise InputError("a noise-aware classifier needs model.scheduler (the diffusion schedule it reads)")
         self.net = AttributeNet(attributes, categorical, tuple(channels), noise_aware, image_size)
@@ -105,7 +108,7 @@ class AttributeClassifier(FacelabModule):
     def _step(self, batch: dict, generator: torch.Generator | None) -> tuple[Tensor, dict[str, Tensor]]:
         x, t = batch["image"], None
         if self.schedule is not None:
-            t = torch.randint(0, self.schedule.num_train_timesteps, (len(x),), device=x.device, generator=generator)
+            t = training_times(len(x), self.schedule.num_train_timesteps, self.hparams.t_power, x.device, generator)
             noise = torch.randn(x.shape, device=x.device, generator=generator)
             x = self.schedule.q_sample(x, t, noise)
         logits = self.net(x, t)
@@ -147,6 +150,15 @@ class AttributeClassifier(FacelabModule):
         (folder / "config.json").write_text(json.dumps(config, indent=2))
         save_file({k: v.contiguous() for k, v in self.net.state_dict().items()}, folder / "model.safetensors")
         return folder
+
+
+def training_times(n: int, steps: int, power: float, device, generator: torch.Generator | None) -> Tensor:
+    """n training times of a noise-aware classifier: t = ⌊steps·u^power⌋, u ~ U[0, 1) (density ∝ t^(1/power − 1)):
+    power 1 is uniform (drawn as randint), power > 1 weights low t."""
+    if power == 1:
+        return torch.randint(0, steps, (n,), device=device, generator=generator)
+    u = torch.rand(n, device=device, generator=generator)
+    return (steps * u ** power).long().clamp_max(steps - 1)
 
 
 def load_classifier(source: str | Path, device: str | torch.device = "cpu") -> AttributeNet:
