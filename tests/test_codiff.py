@@ -172,6 +172,33 @@ def test_three_modalities_batch_calls_and_records():
     assert tiles.shape == (2 * 3 * 2, 1, 8, 8) and t == [500, 200]
 
 
+def test_influence_every_k_steps_reuses_the_last_maps_within_a_run():
+    """k = 3: the diffusers run at calls 1 and 4 of a descending run; the calls between mix with the I of the last
+    computed call (checked against the mix of direct ε with those weights); a new run (t back up) recomputes."""
+    vae = tiny_vae()
+    models = [tiny_latent_model(m, vae, seed) for seed, m in enumerate(("mask", "text"))]
+    diffusers = [build_diffuser(TINY_DIFFUSER, model, head_dim=16) for model in models]
+    for unet in diffusers:
+        torch.nn.init.normal_(unet.conv_out.weight, std=0.3)
+    collab = CollaborativeDenoiser(models, diffusers, reweight=Reweight("learned"))
+    collab.influence_every, collab.record = 3, True
+    masks, captions = faces()
+    cond = [models[0].condition(masks), models[1].condition(captions)]
+    z = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        eps = [collab(z, t, cond) for t in (900, 700, 500, 300, 900)]
+        direct = [m.denoiser(z, torch.tensor([500, 500]), c) for m, c in zip(models, cond)]
+    learned = [r["learned"] for r in collab.records]
+    assert collab.calls == {"models": 10, "diffusers": 6}  # computed at 900, 300 and the new run's 900
+    assert torch.equal(learned[1], learned[0]) and torch.equal(learned[2], learned[0])
+    assert not torch.allclose(learned[3], learned[0]) and torch.equal(learned[4], learned[0])
+    assert torch.allclose(eps[2], mix(direct, learned[0][:, :, None]), atol=1e-5)
+    collab.influence_every = 1  # every call again: the maps at t = 500 are the diffusers' own
+    with torch.no_grad():
+        collab(z, 500, cond)
+    assert not torch.allclose(collab.records[-1]["learned"], learned[0])
+
+
 # --- the dynamic diffusers ------------------------------------------------------------------------------------------
 def test_zero_init_and_training_updates_only_the_diffusers(stages):
     module = DynamicDiffusers({m: str(stages[m]) for m in ("mask", "text")}, TINY_DIFFUSER, lr=1e-3)
@@ -258,6 +285,7 @@ def test_bad_inputs(stages, tmp_path):
             (["sampler=repaint"], "sampler=repaint resamples for inpainting"),
             (["+source=synthetic"], "+source: method=codiff reads its own inputs"),
             (["+eval=[similarity]"], "+eval=[similarity]: method=codiff has no reference image"),
+            (["method.influence_every=0"], "method.influence_every=0: give a whole number of steps"),
             (["+eval=[captions]"], "eval.captions.classifier=attr64_eval reads 64 px images"))):
         run = tmp_path / f"run{i}"
         with pytest.raises(InputError) as err:

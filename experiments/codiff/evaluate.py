@@ -38,13 +38,17 @@ from facelab.models.parser import load_parser
 
 HERE = Path(__file__).resolve().parent
 SALIENT = ("Male", "Smiling", "Young", "Eyeglasses", "No_Beard", "Black_Hair", "Blond_Hair", "skin_tone")
-RUNS = {  # name -> (modalities used, reweighting)
-    "mask-only": (["mask"], "average"),
-    "text-only": (["text"], "average"),
-    "codiff, learned": (["mask", "text"], "learned"),
-    "codiff, paper (default)": (["mask", "text"], "paper"),
-    "average of the two ε": (["mask", "text"], "average"),
+RUNS = {  # name -> (modalities used, reweighting, influence_every)
+    "mask-only": (["mask"], "average", 1),
+    "text-only": (["text"], "average", 1),
+    "codiff, learned": (["mask", "text"], "learned", 1),
+    "codiff, paper (default)": (["mask", "text"], "paper", 1),
+    "average of the two ε": (["mask", "text"], "average", 1),
 }
+
+
+def every(k: int) -> str:
+    return f"codiff, paper, diffusers every {k} steps"
 
 
 def parse(argv=None) -> argparse.Namespace:
@@ -56,6 +60,8 @@ def parse(argv=None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--batch-size", type=int, default=50)
     parser.add_argument("--timing-repeats", type=int, default=3)
+    parser.add_argument("--influence-every", type=int, nargs="*", default=[],
+                        help="also the paper preset with the dynamic diffusers run every k steps (method.influence_every)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=HERE)
     return parser.parse_args(argv)
@@ -91,14 +97,18 @@ def main(argv=None) -> None:
     captions = [item["caption"] for item in items]
     grid = ldm_timesteps(full.schedule, args.steps)
 
+    specs = {**RUNS, **{every(k): (["mask", "text"], "paper", k) for k in args.influence_every}}
+
     def collaborative(name: str) -> CollaborativeDenoiser:
-        modalities, reweight = RUNS[name]
+        modalities, reweight, k = specs[name]
         models = [by_modality[m] for m in modalities]
-        return CollaborativeDenoiser(models, full.diffusers if len(models) > 1 else None, names=modalities,
-                                     reweight=Reweight(reweight), generator=generator(args.seed, 2))
+        collab = CollaborativeDenoiser(models, full.diffusers if len(models) > 1 else None, names=modalities,
+                                       reweight=Reweight(reweight), generator=generator(args.seed, 2))
+        collab.influence_every = k
+        return collab
 
     runs = {}
-    for name in RUNS:
+    for name in specs:
         collab = collaborative(name)
         models = collab.models
         collab.record = collab.diffusers is not None
@@ -109,14 +119,15 @@ def main(argv=None) -> None:
             conds = [model.condition(values[model.modality]) for model in models]
             batch, _, records = generate(collab, conds, len(values["text"]), grid, args.seed + b)
             images.append(batch)
-            if records and RUNS[name][1] == "learned":
+            if records and specs[name][1] == "learned":
                 learned.append(torch.stack([r["learned"][:, 0] for r in records], 1))  # I_mask [B, steps, h, w]
         runs[name] = {"images": torch.cat(images), "learned": torch.cat(learned) if learned else None,
                       "t": [int(r["t"][0]) for r in records]}
         print(f"[{time.strftime('%H:%M:%S')}] {name}", flush=True)
 
     # time: one batch per generator, interleaved, repeated; calls and medians
-    timed = ("mask-only", "text-only", "codiff, learned", "codiff, paper (default)")
+    timed = ("mask-only", "text-only", "codiff, learned", "codiff, paper (default)",
+             *(every(k) for k in args.influence_every))
     n = min(args.batch_size, args.faces)
     values = {"mask": list(masks[:n]), "text": captions[:n]}
     seconds = {name: [] for name in timed}
@@ -142,7 +153,9 @@ def main(argv=None) -> None:
             "fd": None if run["images"] is real else feature_frechet(classifier.features(run["images"]), real_features)}
     results["timing"] = {"batch": n, "repeats": args.timing_repeats, "seconds": seconds, "median_seconds": median,
                          "network_calls": calls, "codiff_over_two_unimodal":
-                         median["codiff, learned"] / (median["mask-only"] + median["text-only"])}
+                         median["codiff, learned"] / (median["mask-only"] + median["text-only"]),
+                         "over_two_unimodal": {name: median[name] / (median["mask-only"] + median["text-only"])
+                                               for name in timed[2:]}}
     learned = runs["codiff, learned"]["learned"]  # [N, steps, h, w]
     h = learned.shape[-1]
     face = torch.nn.functional.interpolate((masks != 0).float()[:, None], size=(h, h), mode="area") > 0.5
@@ -176,7 +189,10 @@ def write(args, results: dict, runs: dict, masks: torch.Tensor, real: torch.Tens
     lines += ["", f"Time of one DDIM-{results['steps']} sampling of {timing['batch']} faces (median of "
               f"{timing['repeats']}, interleaved):", "", "| generator | network calls | seconds |", "|---|---:|---:|"]
     lines += [f"| {name} | {timing['network_calls'][name]} | {s:.1f} |" for name, s in timing["median_seconds"].items()]
-    lines += ["", f"codiff / (mask-only + text-only): **{timing['codiff_over_two_unimodal']:.2f}**",
+    lines += ["", f"codiff / (mask-only + text-only): **{timing['codiff_over_two_unimodal']:.2f}**"]
+    lines += [f"{name} / (mask-only + text-only): {ratio:.2f}" for name, ratio in timing["over_two_unimodal"].items()
+              if name.startswith("codiff, paper, diffusers every")]
+    lines += ["",
               "", "Mean learned I_mask inside the face (no reweighting):", "",
               "| t | " + " | ".join(str(infl["t"][i]) for i in pick) + " |",
               "|---|" + "---:|" * len(pick),

@@ -174,9 +174,11 @@ class CollaborativeDenoiser(nn.Module):
     number or {name: number}; a scale ≠ 1 appends the null rows to the same forward of that modality's UNet.
 
     Per call it runs one forward per UNet for the whole batch: M uni-modal UNets (frozen, no gradient) and, unless
-    reweight=average, the M dynamic diffusers. `calls` counts those forwards ("models", "diffusers"); with
-    `record = True` every call appends {"t", "learned", "weights"} ([B, M, h, w] on the CPU) to `records`
-    (`take_influence` stacks them per sampling run). `generator` feeds Reweight.manual_prob.
+    reweight=average, the M dynamic diffusers. `influence_every = k > 1` runs the diffusers only at every k-th call
+    of a sampling run and reuses their last I in between (a call at a higher t than the last computed I, or with
+    another batch size, starts afresh: a new run or a RePaint jump). `calls` counts those forwards ("models",
+    "diffusers"); with `record = True` every call appends {"t", "learned", "weights"} ([B, M, h, w] on the CPU) to
+    `records` (`take_influence` stacks them per sampling run). `generator` feeds Reweight.manual_prob.
     """
 
     def __init__(self, models: Sequence[nn.Module], diffusers: Sequence[nn.Module] | None = None, *,
@@ -201,6 +203,8 @@ class CollaborativeDenoiser(nn.Module):
         self.record = False
         self.records: list[dict] = []
         self.calls: Counter = Counter()
+        self.influence_every = 1
+        self._last: tuple[Tensor, Tensor, int] | None = None  # (I, its t, calls left to reuse it)
         self._null: dict[int, dict] = {}
 
     @property
@@ -254,12 +258,23 @@ class CollaborativeDenoiser(nn.Module):
         return influence([d(z_t.to(dtype), t, **c, return_dict=False)[0].to(z_t.dtype)
                           for d, c in zip(self.diffusers, cond)])
 
+    def reused_influence(self, z_t: Tensor, t: Tensor, cond: Sequence[Mapping]) -> Tensor:
+        """learned_influence, recomputed every `influence_every` calls of a run and reused in between."""
+        if self.influence_every > 1 and self._last is not None:
+            last, last_t, left = self._last
+            if left > 0 and last.shape[0] == len(z_t) and bool((t <= last_t).all()):
+                self._last = (last, last_t, left - 1)
+                return last
+        learned = self.learned_influence(z_t, t, cond)
+        self._last = (learned, t, self.influence_every - 1) if self.influence_every > 1 else None
+        return learned
+
     def forward(self, z_t: Tensor, t: int | Tensor, cond: Sequence[Mapping]) -> Tensor:
         if len(cond) != len(self.models):
             raise ValueError(f"cond holds {len(cond)} conditions for {len(self.models)} modalities")
         t = torch.as_tensor(t, device=z_t.device).long().expand(len(z_t))
         eps = [self.model_eps(m, z_t, t, c) for m, c in enumerate(cond)]
-        learned = self.learned_influence(z_t, t, cond)
+        learned = self.reused_influence(z_t, t, cond)
         weights = self.reweight(learned, t, self.spatial, self.schedule.num_train_timesteps, self.generator)
         if self.record:
             self.records.append({"t": t.cpu(), "learned": learned[:, :, 0].detach().cpu(),

@@ -77,6 +77,7 @@ class Options:
     save_mixed: bool = False
     ldm_grid: bool = True
     collab: dict = field(default_factory=dict)   # codiff: the Reweight options
+    influence_every: int = 1                     # codiff: the dynamic diffusers every k steps (CollaborativeDenoiser)
     models: dict = field(default_factory=dict)   # ldm: {modality: source}
 
     @classmethod
@@ -94,7 +95,10 @@ class Options:
 def run(cfg: DictConfig, runner: Runner) -> dict:
     """method=codiff: the collaborative sampler of model.pretrained under (mask, text)."""
     opts, sampler = prepare(cfg, runner)
+    if isinstance(opts.influence_every, bool) or not isinstance(opts.influence_every, int) or opts.influence_every < 1:
+        raise InputError(f"method.influence_every={opts.influence_every}: give a whole number of steps ≥ 1")
     collab = load_collaborative(cfg.model.pretrained, runner.device, Reweight.from_options(opts.collab), opts.cfg_scale)
+    collab.influence_every = opts.influence_every
     return generate(cfg, runner, opts, sampler, collab)
 
 
@@ -223,6 +227,7 @@ def generate(cfg: DictConfig, runner: Runner, opts: Options, sampler, collab: Co
                "outputs": str(files.folder.relative_to(runner.out)), "num_samples": len(images), "seconds": seconds,
                "seconds_per_image": seconds / len(images), "sampler": sampler.name, "steps": sampler.steps,
                "eta": getattr(sampler, "eta", None), "cfg_scale": dict(zip(collab.names, collab.cfg_scales)),
+               "influence_every": getattr(collab, "influence_every", 1),
                # forwards of a whole sampling run (each image goes through all of them, batched with the others)
                "network_calls": sum(counts.values()) // runs, "network_calls_per_image": sum(counts.values()) / runs,
                "network_calls_by_kind": {kind: count // runs for kind, count in counts.items() if count},
