@@ -51,18 +51,32 @@ def tiny_latent_model(modality: str, vae: AutoencoderKL, seed: int, max_length: 
     return LatentModel(vae, unet, Schedule(SCHEDULER), encoder, source=modality)
 
 
-@pytest.fixture(scope="session")
-def stages(tmp_path_factory):
-    """Exported tiny mask and text latent models on one VAE, and a codiff export over them."""
-    root = tmp_path_factory.mktemp("codiff_stages")
+def export_stages(root, max_length: int = 12) -> dict:
+    """Exported tiny mask and text latent models on one VAE, and a codiff export over them, under root."""
     vae = tiny_vae()
-    folders = {m: tiny_latent_model(m, vae, seed).save(root / f"ldm_{m}") for seed, m in enumerate(("mask", "text"))}
+    folders = {m: tiny_latent_model(m, vae, seed, max_length).save(root / f"ldm_{m}")
+               for seed, m in enumerate(("mask", "text"))}
     module = DynamicDiffusers({m: str(f) for m, f in folders.items()}, TINY_DIFFUSER)
     with torch.no_grad():  # non-trivial influence: D_m's zero last conv made random
         for unet in module.ema.module.values():
             torch.nn.init.normal_(unet.conv_out.weight, std=0.3)
     module.export(root / "codiff")
     return {**folders, "codiff": root / "codiff", "root": root}
+
+
+def random_collaboration(modalities, reweight: str, names=None) -> tuple[CollaborativeDenoiser, list]:
+    """A collaboration of tiny latent models (one VAE) whose diffusers' zero last convs were made random."""
+    vae = tiny_vae()
+    models = [tiny_latent_model(m, vae, seed) for seed, m in enumerate(modalities)]
+    diffusers = [build_diffuser(TINY_DIFFUSER, model, head_dim=16) for model in models]
+    for unet in diffusers:
+        torch.nn.init.normal_(unet.conv_out.weight, std=0.3)
+    return CollaborativeDenoiser(models, diffusers, names=names, reweight=Reweight(reweight)), models
+
+
+@pytest.fixture(scope="session")
+def stages(tmp_path_factory):
+    return export_stages(tmp_path_factory.mktemp("codiff_stages"))
 
 
 def faces(n: int = 2):
@@ -140,12 +154,7 @@ def test_one_modality_equals_the_unimodal_model_and_cfg():
 
 
 def test_three_modalities_batch_calls_and_records():
-    vae = tiny_vae()
-    models = [tiny_latent_model(m, vae, seed) for seed, m in enumerate(("mask", "text", "mask"))]
-    diffusers = [build_diffuser(TINY_DIFFUSER, model, head_dim=16) for model in models]
-    for unet in diffusers:
-        torch.nn.init.normal_(unet.conv_out.weight, std=0.3)
-    collab = CollaborativeDenoiser(models, diffusers, names=["mask", "text", "sketch"], reweight=Reweight("paper"))
+    collab, models = random_collaboration(("mask", "text", "mask"), "paper", names=["mask", "text", "sketch"])
     collab.record = True
     masks, captions = faces()
     cond = [models[0].condition(masks), models[1].condition(captions), models[2].condition(masks)]
@@ -175,12 +184,7 @@ def test_three_modalities_batch_calls_and_records():
 def test_influence_every_k_steps_reuses_the_last_maps_within_a_run():
     """k = 3: the diffusers run at calls 1 and 4 of a descending run; the calls between mix with the I of the last
     computed call (checked against the mix of direct ε with those weights); a new run (t back up) recomputes."""
-    vae = tiny_vae()
-    models = [tiny_latent_model(m, vae, seed) for seed, m in enumerate(("mask", "text"))]
-    diffusers = [build_diffuser(TINY_DIFFUSER, model, head_dim=16) for model in models]
-    for unet in diffusers:
-        torch.nn.init.normal_(unet.conv_out.weight, std=0.3)
-    collab = CollaborativeDenoiser(models, diffusers, reweight=Reweight("learned"))
+    collab, models = random_collaboration(("mask", "text"), "learned")
     collab.influence_every, collab.record = 3, True
     masks, captions = faces()
     cond = [models[0].condition(masks), models[1].condition(captions)]

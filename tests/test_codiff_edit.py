@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from test_codiff import TINY_DIFFUSER, tiny_latent_model, tiny_vae
+from test_codiff import export_stages, tiny_latent_model, tiny_vae
 
 from conftest import compose, run_cli
 from facelab.diffusion import blend
@@ -15,7 +15,6 @@ from facelab.io.errors import InputError
 from facelab.io.images import save_image, save_mask
 from facelab.io.tuned import TunedCache
 from facelab.methods.codiff_edit import Options
-from facelab.models.codiff import DynamicDiffusers
 from facelab.models.latent import LatentModel
 from facelab.sample import run_sample
 from facelab.sources import SyntheticSource, synthetic_edit
@@ -34,13 +33,7 @@ def tiny_model(modality: str, vae, seed: int) -> LatentModel:
 @pytest.fixture(scope="module")
 def stages(tmp_path_factory):
     root = tmp_path_factory.mktemp("codiff_edit")
-    vae = tiny_vae()
-    folders = {m: tiny_model(m, vae, seed).save(root / f"ldm_{m}") for seed, m in enumerate(("mask", "text"))}
-    module = DynamicDiffusers({m: str(f) for m, f in folders.items()}, TINY_DIFFUSER)
-    with torch.no_grad():
-        for unet in module.ema.module.values():
-            torch.nn.init.normal_(unet.conv_out.weight, std=0.3)
-    module.export(root / "codiff")
+    folders = export_stages(root, max_length=96)  # the text encoder reads the synthetic captions (up to 96 tokens)
     faces = root / "faces"
     torch.manual_seed(0)
     save_image(torch.rand(3, 16, 16) * 2 - 1, faces / "a.png")
@@ -48,7 +41,7 @@ def stages(tmp_path_factory):
     mask[3:13, 4:12] = 1
     mask[9:11, 6:10] = 11
     save_mask(mask, root / "mask.png", style="palette")
-    return {**folders, "codiff": root / "codiff", "faces": faces, "mask": root / "mask.png"}
+    return {**folders, "faces": faces, "mask": root / "mask.png"}
 
 
 def edit_run(stages, tmp_path, name: str, *extra: str, mode: str = "imagic") -> dict:

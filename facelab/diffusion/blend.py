@@ -1,7 +1,7 @@
 """Edit regions and the soft paste of an edit into its input (Blended Latent Diffusion, Avrahami et al. 2023; DiffEdit,
 Couairon et al. 2023), as plain functions on [B, 1, H, W] maps.
 
-`label_region`: where a target label map differs from the face's own (`resize_labels` to the image's size).
+`label_region`: where a target label map differs from the face's own (both at the image's size).
 `noise_region` (DiffEdit): where the model's ε under the target conditions differs from its ε under the source
 conditions, averaged over noise draws at one t. `decoded_region`: where each decoded edit differs from the decoded
 α = 0 one. `binary` thresholds such a map at a fraction of its maximum; `dilate` grows a region by whole pixels
@@ -34,13 +34,6 @@ def binary(difference: Tensor, size: tuple[int, int], threshold: float) -> Tenso
         if tuple(difference.shape[-2:]) != tuple(size) else difference.float()
     peak = difference.amax(dim=(1, 2, 3), keepdim=True)
     return ((difference > threshold * peak) & (peak > 0)).float()
-
-
-def resize_labels(labels: Tensor, size: tuple[int, int]) -> Tensor:
-    """A label map [H, W] nearest-resized to size."""
-    if tuple(labels.shape) == tuple(size):
-        return labels
-    return F.interpolate(labels[None, None].float(), size=size, mode="nearest")[0, 0].long()
 
 
 def label_region(own: Tensor, target: Tensor, px: int) -> Tensor:

@@ -43,7 +43,7 @@ from facelab.evaluators import (
     wanted_probabilities,
 )
 from facelab.io.errors import InputError
-from facelab.io.images import read_mask
+from facelab.io.images import read_mask, resize_mask
 from facelab.io.tensors import read_latents
 from facelab.io.tuned import TunedCache, face_hash
 from facelab.models.classifier import load_classifier
@@ -379,8 +379,7 @@ def edit_mask(region: dict, mixed, z0: Tensor, image: Tensor, own_labels: Tensor
     the evaluators nor the counterfactual."""
     size, found = tuple(image.shape[-2:]), torch.zeros(1, 1, *image.shape[-2:])
     if region["labels"] and own_labels is not None and target_labels is not None:
-        found = blend.label_region(blend.resize_labels(own_labels, size), blend.resize_labels(target_labels, size),
-                                   region["dilate"])
+        found = blend.label_region(resize_mask(own_labels, size), resize_mask(target_labels, size), region["dilate"])
     if region["auto"] == "noise":
         difference = blend.noise_region(mixed, mixed.schedule, z0, [p[0] for p in pairs], [p[1] for p in pairs],
                                         region["t"], region["draws"], generator).cpu()
