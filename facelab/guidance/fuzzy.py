@@ -97,8 +97,7 @@ def keep_map(opts, denoiser, y: Tensor, keep: Tensor | None, stats, depths: list
                                 opts.upper_bound, opts.sigma_floor)
     if draws > 1:
         projected = projected[:len(y)]
-        errors, zhat = (value.unflatten(0, (draws, len(y))).mean(0) for value in (errors, zhat))
-        anomaly = zhat.mean(1)
+        errors, zhat, anomaly = (value.unflatten(0, (draws, len(y))).mean(0) for value in (errors, zhat, anomaly))
     anomaly = gaussian_blur(anomaly, opts.anomaly_blur)
     m = reduce_mask(opts.ood_lambda * (1 - anomaly) ** opts.ood_expon, opts.mask_reduce)
     return {"projected": projected, "err": errors, "errzscore": zhat, "anomaly": anomaly, "m": m}
